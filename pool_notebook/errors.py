@@ -1,0 +1,285 @@
+"""Every error pool_notebook raises, in one tree.
+
+Lower-layer errors (``OSError``, JSON/Unicode decoding, ``asyncio`` timeouts) are
+mapped into this tree in one place each (the client's I/O boundary, the protocol
+decoder) and chained with ``from``. ``asyncio.CancelledError`` and
+``KeyboardInterrupt`` are never caught-and-wrapped: they propagate as they are.
+
+::
+
+    PoolError
+    ├── ConnectError                 socket connect() failed (wraps the OSError)
+    ├── InsecureSocketError          path/directory/peer failed the security checks
+    ├── HandshakeError               the handshake reply was not an acceptable handshake
+    │   ├── HandshakeTimeout         (also TimeoutError) no reply within handshake_timeout
+    │   └── VersionMismatch          worker speaks another protocol version
+    ├── TransportError               the byte stream failed
+    │   ├── WriteError               sending failed (wraps the OSError)
+    │   └── ReadError                receiving failed (wraps the OSError)
+    │       └── ConnectionClosed     EOF from the worker (possibly mid-line)
+    ├── ProtocolError                bytes arrived but are not a valid message
+    │   ├── ResponseParseError       not strict UTF-8 JSON of the response shape
+    │   ├── ResponseTooLarge         a line longer than max_line_bytes
+    │   ├── UnsolicitedResponse      a line arrived that no request asked for
+    │   └── MalformedRequest         (worker side / encoding) a request line is invalid
+    ├── RequestTimeout               (also TimeoutError) no reply within the timeout
+    ├── ConnectionBroken             sticky: the connection can no longer be trusted
+    ├── ClientClosed                 the client was closed by its owner
+    ├── WorkerError                  the worker answered ok:false (carries op and message)
+    ├── SpawnError                   a worker process did not come up
+    ├── RegistryError                the worker registry could not be used
+    │   └── RegistryCorrupted        registry.json exists but does not parse
+    └── ConnectionNotFound           (notebook layer) no connection by that name
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClientClosed",
+    "ConnectError",
+    "ConnectionBroken",
+    "ConnectionClosed",
+    "ConnectionNotFound",
+    "HandshakeError",
+    "HandshakeTimeout",
+    "InsecureSocketError",
+    "MalformedRequest",
+    "PoolError",
+    "ProtocolError",
+    "ReadError",
+    "RegistryCorrupted",
+    "RegistryError",
+    "RequestTimeout",
+    "ResponseParseError",
+    "ResponseTooLarge",
+    "SpawnError",
+    "TransportError",
+    "UnsolicitedResponse",
+    "VersionMismatch",
+    "WorkerError",
+    "WriteError",
+]
+
+#: How many bytes of an offending line an error keeps for display.
+SNIPPET_BYTES = 200
+
+
+def snippet(data: bytes, limit: int = SNIPPET_BYTES) -> bytes:
+    """The first ``limit`` bytes of ``data`` (what errors keep for display)."""
+    return data if len(data) <= limit else data[:limit]
+
+
+def _show(data: bytes) -> str:
+    shown = repr(snippet(data))
+    return shown + (f" … ({len(data)} bytes)" if len(data) > SNIPPET_BYTES else "")
+
+
+class PoolError(Exception):
+    """Base class of every error raised by pool_notebook."""
+
+
+class ConnectError(PoolError):
+    """Connecting to the worker's socket failed; ``__cause__`` is the OSError."""
+
+    def __init__(self, sock_path: str, reason: str) -> None:
+        self.sock_path = sock_path
+        super().__init__(
+            f"cannot connect to worker socket {sock_path}: {reason}. "
+            "Check that the worker is running (%pool_workers lists known ones) "
+            "and that the path is right."
+        )
+
+
+class InsecureSocketError(PoolError):
+    """The socket path, its directory or the peer process failed a security check."""
+
+    def __init__(self, sock_path: str, problem: str) -> None:
+        self.sock_path = sock_path
+        self.problem = problem
+        super().__init__(
+            f"refusing socket {sock_path}: {problem}. "
+            "Fix the permissions, or pass allow_insecure=True if you trust it."
+        )
+
+
+class HandshakeError(PoolError):
+    """The worker's reply to the handshake was not an acceptable handshake."""
+
+
+class HandshakeTimeout(HandshakeError, TimeoutError):
+    """The worker did not answer the handshake within ``handshake_timeout``."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(
+            f"handshake recv timeout ({timeout:g}s): the worker accepted the connection "
+            "but did not answer; it may be busy with another client or not a pool worker"
+        )
+
+
+class VersionMismatch(HandshakeError):
+    """The worker speaks another protocol version than the one we asked for."""
+
+    def __init__(self, client: str, server: str) -> None:
+        self.client = client
+        self.server = server
+        super().__init__(
+            f"version mismatch: client={client}, server={server}. "
+            f"The worker speaks {server}; connect with version={server!r} "
+            f"(magic: %pool_connect ... --protocol-version {server})."
+        )
+
+
+class TransportError(PoolError):
+    """The byte stream to the worker failed."""
+
+
+class WriteError(TransportError):
+    """Sending to the worker failed; ``__cause__`` is the OSError."""
+
+
+class ReadError(TransportError):
+    """Receiving from the worker failed; ``__cause__`` is the OSError, if any."""
+
+
+class ConnectionClosed(ReadError):
+    """The worker closed the connection (EOF), possibly in the middle of a line."""
+
+    def __init__(self, partial: bytes = b"") -> None:
+        self.partial = snippet(partial)
+        where = f" in the middle of a line ({_show(partial)})" if partial else ""
+        super().__init__(
+            f"the worker closed the connection{where}; it may have exited. "
+            "Reconnect, or spawn a new worker."
+        )
+
+
+class ProtocolError(PoolError):
+    """Bytes arrived that are not a valid protocol message."""
+
+
+class ResponseParseError(ProtocolError):
+    """A line is not a well-formed response; ``data`` keeps its first bytes."""
+
+    def __init__(self, reason: str, data: bytes) -> None:
+        self.reason = reason
+        self.data = snippet(data)
+        super().__init__(f"malformed response from worker: {reason}: {_show(data)}")
+
+
+class ResponseTooLarge(ProtocolError):
+    """A line exceeded ``max_line_bytes`` before its newline arrived."""
+
+    def __init__(self, limit: int, data: bytes = b"") -> None:
+        self.limit = limit
+        self.data = snippet(data)
+        super().__init__(
+            f"response line longer than max_line_bytes={limit}; "
+            "raise max_line_bytes if the worker legitimately sends that much"
+        )
+
+
+class UnsolicitedResponse(ProtocolError):
+    """A line arrived that no request asked for, so replies can no longer be matched."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = snippet(data)
+        super().__init__(f"the worker sent a line nobody asked for: {_show(data)}")
+
+
+class MalformedRequest(ProtocolError):
+    """A request could not be encoded or (worker side) decoded."""
+
+
+class RequestTimeout(PoolError, TimeoutError):
+    """No reply arrived within the request's timeout.
+
+    The connection stays usable: the late reply is consumed by the client itself
+    (reported through ``on_late_reply``) and never handed to another caller.
+    """
+
+    def __init__(self, op: str, timeout: float, waiting_for: str = "") -> None:
+        self.op = op
+        self.timeout = timeout
+        self.waiting_for = waiting_for
+        if waiting_for:
+            text = (
+                f"{op!r} request timed out after {timeout:g}s before it was sent "
+                f"({waiting_for}); the connection stays usable, try again"
+            )
+        else:
+            text = (
+                f"{op!r} request got no reply within {timeout:g}s; the connection stays "
+                "usable and the late reply will be consumed when it arrives"
+            )
+        super().__init__(text)
+
+
+class ConnectionBroken(PoolError):
+    """Sticky: the stream is in an unknown state; every later call raises this."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            f"connection is broken ({reason}); close it and connect again "
+            "(%pool_disconnect then %pool_connect --sid ... to pick up a paused session)"
+        )
+
+
+class ClientClosed(PoolError):
+    """The client was closed by its owner; connect again to use the worker."""
+
+    def __init__(self) -> None:
+        super().__init__("the connection was closed; connect again to talk to the worker")
+
+
+class WorkerError(PoolError):
+    """The worker answered ``ok: false``; carries the request's ``op`` and the message."""
+
+    def __init__(self, op: str, message: str) -> None:
+        self.op = op
+        self.message = message
+        super().__init__(f"worker rejected {op!r}: {message}")
+
+
+class SpawnError(PoolError):
+    """A worker process exited, or did not create its socket, during spawn."""
+
+    def __init__(
+        self, message: str, *, returncode: int | None = None, stderr_tail: str = ""
+    ) -> None:
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        text = message
+        if returncode is not None:
+            text += f" (exit status {returncode})"
+        if stderr_tail:
+            text += "\n--- worker stderr (tail) ---\n" + stderr_tail
+        super().__init__(text)
+
+
+class RegistryError(PoolError):
+    """The worker registry could not be read or written."""
+
+
+class RegistryCorrupted(RegistryError):
+    """``registry.json`` exists but does not parse; it is never treated as empty."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        super().__init__(
+            f"worker registry {path} is corrupted ({reason}); it was left untouched so "
+            "live workers are not forgotten. Inspect or remove it by hand."
+        )
+
+
+class ConnectionNotFound(PoolError, KeyError):
+    """No open connection has that name."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        listed = ", ".join(known) if known else "none open"
+        super().__init__(f"no connection named {name!r} (open: {listed}); use %pool_connect")
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
