@@ -68,7 +68,7 @@ def test_randomized_cancellations_and_timeouts_never_misdeliver(seed: int) -> No
         late_tokens = [lr.response.raw["data"]["token"] for lr in late if lr.response]
         assert misdelivered == 0
         assert all(lr.op == "echo" and lr.error is None for lr in late)
-        assert all(lr.request.obj["token"] == t for lr, t in zip(late, late_tokens))
+        assert all(lr.request.obj["token"] == t for lr, t in zip(late, late_tokens, strict=False))
         # every request the worker saw was answered to its caller or reported late, once
         assert sorted([*answered, *late_tokens]) == sorted(seen)
         assert len(answered) > 50 and len(late_tokens) > 50
@@ -91,10 +91,11 @@ def test_interleaved_concurrent_callers_with_cancellation() -> None:
                 victim.cancel()
             done = await asyncio.gather(*tasks.values(), return_exceptions=True)
             await c.settle(timeout=10)
-            for token, result in zip(tasks, done):
+            for token, result in zip(tasks, done, strict=False):
                 if not isinstance(result, BaseException):
                     assert result.raw["data"]["token"] == token
-            answered = [t for t, r in zip(tasks, done) if not isinstance(r, BaseException)]
+            answered = [t for t, r in zip(tasks, done, strict=True)
+                        if not isinstance(r, BaseException)]
             late_tokens = [lr.response.raw["data"]["token"] for lr in late]
             seen = [r["token"] for r in w.requests if r.get("op") == "echo"]
             assert sorted(answered + late_tokens) == sorted(seen)

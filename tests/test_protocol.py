@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -20,7 +22,7 @@ from pool_notebook.errors import (
 
 
 def test_io_free() -> None:
-    tree = ast.parse(open(proto.__file__, encoding="utf-8").read())
+    tree = ast.parse(Path(proto.__file__).read_text(encoding="utf-8"))
     imported = {alias.name.split(".")[0] for node in ast.walk(tree)
                 if isinstance(node, ast.Import) for alias in node.names}
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
@@ -168,10 +170,8 @@ def test_valid_surrogate_pair_escape_is_fine() -> None:
 
 @given(st.binary(max_size=300))
 def test_decoder_never_raises_anything_but_parse_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(ResponseParseError):
         proto.decode_response(data)
-    except ResponseParseError:
-        pass
 
 
 def test_line_buffer_frames_and_bounds() -> None:

@@ -1,0 +1,64 @@
+"""Spawning: sids, failure messages with exit status and log tail, no zombies."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pool_notebook import SpawnError
+from pool_notebook.registry import pid_alive
+from pool_notebook.spawn import _children, new_sid, reap_children, spawn_worker
+from tests.fakes import run
+
+pytestmark = pytest.mark.usefixtures("pool_home")
+
+
+def test_sid_format() -> None:
+    assert re.fullmatch(r"p-[0-9a-f]+-[0-9a-f]{16}", new_sid())
+    assert new_sid() != new_sid()
+
+
+def test_worker_that_dies_reports_status_and_stderr() -> None:
+    async def main() -> None:
+        with pytest.raises(SpawnError) as info:
+            await spawn_worker("{python} -c \"import sys; sys.stderr.write('no lua here'); "
+                               "sys.exit(3)\" {sid} {sock}")
+        assert info.value.returncode == 3
+        assert "no lua here" in info.value.stderr_tail
+        assert "exited before creating its socket" in str(info.value)
+    run(main())
+
+
+def test_worker_that_never_creates_its_socket_is_stopped() -> None:
+    async def main() -> None:
+        with pytest.raises(SpawnError, match="did not create") as info:
+            await spawn_worker("{python} -c \"print('waiting', flush=True); "
+                               "import time; time.sleep(60)\"", timeout=0.5)
+        assert "waiting" in info.value.stderr_tail
+        reap_children()
+        assert all(p.returncode is not None or p.poll() is not None for p in _children)
+    run(main())
+
+
+def test_bad_template_and_missing_program() -> None:
+    async def main() -> None:
+        with pytest.raises(SpawnError, match="placeholders"):
+            await spawn_worker("worker --sid {nope}")
+        with pytest.raises(SpawnError, match="cannot start worker"):
+            await spawn_worker("/nonexistent/alc pool-worker --sid {sid} --sock {sock}")
+    run(main())
+
+
+def test_exited_workers_are_reaped() -> None:
+    async def main() -> None:
+        w = await spawn_worker("{python} -c \"import socket,sys; s=socket.socket(socket.AF_UNIX);"
+                               " s.bind(sys.argv[1])\" {sock}")
+        import time
+        for _ in range(200):
+            reap_children()
+            if not pid_alive(w.pid):
+                break
+            time.sleep(0.02)
+        assert not pid_alive(w.pid)  # exited and reaped, not a zombie
+    run(main())
