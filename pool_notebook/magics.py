@@ -1,0 +1,306 @@
+"""IPython magics: parse the line, call :mod:`pool_notebook.connections`, display.
+
+Everything a magic does is a plain Python call too (``await pool_notebook.connect()``,
+``await conn.send(...)``, ``pool_notebook.history()``). Blocking magics run their
+coroutine on the kernel's loop via :data:`pool_notebook.loop.runner`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+from traitlets import Bool, Float, Unicode
+
+from . import protocol as proto
+from ._version import PROTOCOL_VERSION
+from .connections import Connection, Reply, manager, parse_request
+from .display import PausedSessionView, widgets_enabled
+from .errors import ConnectionNotFound, MalformedRequest, PoolError
+from .history import plot, summary
+from .loop import runner
+from .registry import Registry
+
+__all__ = ["PoolMagics"]
+
+
+def _unquote(value: Any) -> Any:
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    if isinstance(value, list):
+        return [_unquote(v) for v in value]
+    return value
+
+
+def _parse(magic: Any, line: str) -> Any:
+    """``parse_argstring`` (IPython's ``arg_split``), with quotes around values removed."""
+    args = parse_argstring(magic, line)
+    for key, value in vars(args).items():
+        setattr(args, key, _unquote(value))
+    return args
+
+
+@magics_class
+class PoolMagics(Magics):
+    """Magics to drive pool workers: ``%pool_connect``, ``%%pool_send``, ``%%pool_run`` …"""
+
+    handshake_timeout = Float(10.0, help="Seconds to wait for a worker's handshake.").tag(
+        config=True)
+    request_timeout = Float(0.0, help="Default request timeout in seconds (0: none).").tag(
+        config=True)
+    protocol_version = Unicode(PROTOCOL_VERSION, help="Protocol version sent on connect.").tag(
+        config=True)
+    widgets = Bool(True, help="Show ipywidgets (off: static HTML/text only).").tag(config=True)
+    show_tracebacks = Bool(False, help="Show full tracebacks for pool errors.").tag(config=True)
+
+    # --------------------------------------------------------------- helpers
+
+    def _run(self, coro: Any) -> Any:
+        try:
+            return runner.run(coro)
+        except (PoolError, ValueError) as exc:
+            if self.show_tracebacks:
+                raise
+            raise UsageError(f"{type(exc).__name__}: {exc}") from None
+
+    def _timeout(self, value: float | None) -> float | None:
+        if value is not None:
+            return value if value > 0 else None
+        return self.request_timeout or None
+
+    def _conn(self, name: str | None) -> Connection:
+        try:
+            return manager.get(name)
+        except ConnectionNotFound as exc:
+            raise UsageError(str(exc)) from None
+
+    def _widgets(self) -> bool:
+        return widgets_enabled(None) and self.widgets
+
+    def _show(self, obj: Any) -> None:
+        display(obj)
+
+    def _store(self, name: str | None, value: Any) -> None:
+        if name and self.shell is not None:
+            self.shell.user_ns[name] = value
+
+    # ---------------------------------------------------------------- magics
+
+    @magic_arguments()
+    @argument("sock", nargs="?", help="worker socket path (omit to spawn the bundled worker)")
+    @argument("--name", help="connection name (default w0, w1, …)")
+    @argument("--sid", help="reconnect to a worker from the registry (ours or algocline's)")
+    @argument("--spawn", nargs="?", const="", default=None, metavar="CMD",
+              help="spawn a worker from a command template with {sid} and {sock}")
+    @argument("--protocol-version", help="protocol version to speak (default: PoolMagics config)")
+    @argument("--timeout", type=float, help="handshake timeout in seconds")
+    @argument("--allow-insecure", action="store_true",
+              help="skip the socket directory and peer-uid checks")
+    @line_magic
+    def pool_connect(self, line: str) -> Connection:
+        """Connect to a pool worker and make it the current connection.
+
+        With no socket, spawns the bundled Lua worker (the embedded default).
+        """
+        args = _parse(self.pool_connect, line)
+        conn: Connection = self._run(manager.connect(
+            args.sock, name=args.name, sid=args.sid, spawn=args.spawn or None,
+            version=args.protocol_version or self.protocol_version,
+            timeout=args.timeout or self.handshake_timeout, allow_insecure=args.allow_insecure))
+        return conn
+
+    @magic_arguments()
+    @argument("--to", help="connection name (default: the current one)")
+    @argument("--all", action="store_true", help="send to every open connection concurrently")
+    @argument("--timeout", type=float, help="request timeout in seconds")
+    @argument("--background", action="store_true",
+              help="return at once; the reply is shown when it arrives")
+    @argument("--out", help="store the reply (or task / list of replies) in this variable")
+    @argument("request", nargs="*", help="the request, if not given as the cell body")
+    @line_cell_magic
+    def pool_send(self, line: str, cell: str | None = None) -> Any:
+        """Send one request: a JSON object or a bare op name (``status``, ``shutdown``)."""
+        args = _parse(self.pool_send, line)
+        text = cell if cell is not None else " ".join(args.request)
+        if not text.strip():
+            raise UsageError("give a request: %pool_send status, or a JSON object in the cell")
+        try:
+            request = parse_request(text)
+        except MalformedRequest as exc:
+            raise UsageError(str(exc)) from None
+        timeout = self._timeout(args.timeout)
+        if args.all:
+            conns = list(manager.connections.values())
+            if not conns:
+                raise UsageError("no open connections; use %pool_connect")
+            replies = self._run(_gather(conns, request, timeout))
+            self._store(args.out, replies)
+            return replies
+        conn = self._conn(args.to)
+        if args.background:
+            task = runner.schedule(conn.send(request, timeout=timeout))
+            self._store(args.out, task)
+            from IPython.display import display as show
+
+            handle = show(f"{conn.name}:{request.op} sent in the background…", display_id=True)
+            if handle is not None:
+                task.add_done_callback(lambda t: handle.update(
+                    t.result() if not t.cancelled() and t.exception() is None else
+                    f"{conn.name}:{request.op} failed: "
+                    f"{'cancelled' if t.cancelled() else t.exception()}"))
+            return task
+        reply = self._run(conn.send(request, timeout=timeout))
+        self._store(args.out, reply)
+        return reply
+
+    @magic_arguments()
+    @argument("--to", help="connection name (default: the current one)")
+    @argument("--ctx", help="Python expression for the run's ctx (JSON-able)")
+    @argument("--lib", action="append", default=[], help="extra Lua library path (repeatable)")
+    @argument("--respond", help="Python callable answering each paused query: f(query) -> str")
+    @argument("--timeout", type=float, help="timeout per request in seconds")
+    @argument("--out", help="store the session view in this variable")
+    @line_cell_magic
+    def pool_run(self, line: str, cell: str | None = None) -> Any:
+        """Run the cell as Lua code on the worker (a ``run`` request).
+
+        Without ``--respond`` a paused session shows its queries with answer boxes.
+        """
+        args = _parse(self.pool_run, line)
+        if not cell or not cell.strip():
+            raise UsageError("%%pool_run needs Lua code in the cell body")
+        conn = self._conn(args.to)
+        ctx = self._eval(args.ctx, "--ctx") if args.ctx else None
+        respond = self._eval(args.respond, "--respond") if args.respond else None
+        if respond is not None and not callable(respond):
+            raise UsageError(f"--respond {args.respond} is not callable")
+        reply = self._run(conn.run(cell, ctx=ctx, lib_paths=args.lib, respond=respond,
+                                   timeout=self._timeout(args.timeout)))
+        view = PausedSessionView(conn, reply, use_widgets=self._widgets())
+        self._store(args.out, view)
+        return view
+
+    def _eval(self, expr: str, option: str) -> Any:
+        assert self.shell is not None
+        try:
+            return self.shell.ev(expr)
+        except Exception as exc:
+            raise UsageError(f"{option} {expr!r} failed: {type(exc).__name__}: {exc}") from None
+
+    @magic_arguments()
+    @argument("--to", help="connection name")
+    @argument("--history", action="store_true", help="include the session transcript")
+    @line_magic
+    def pool_status(self, line: str) -> Reply:
+        """Ask the worker for its session state."""
+        args = _parse(self.pool_status, line)
+        return self._run(self._conn(args.to).status(include_history=args.history))  # type: ignore[no-any-return]
+
+    @line_magic
+    def pool_connections(self, line: str) -> Any:
+        """Table of open connections (the current one marked)."""
+        import pandas as pd
+
+        rows = [{"current": "*" if name == manager.current else "", "name": name,
+                 "socket": c.sock_path, "version": c.version, "pid": c.pid, "state": c.state}
+                for name, c in manager.connections.items()]
+        return pd.DataFrame(rows, columns=["current", "name", "socket", "version", "pid",
+                                           "state"])
+
+    @magic_arguments()
+    @argument("name", nargs="?", help="connection name (default: the current one)")
+    @argument("--all", action="store_true", help="disconnect every connection")
+    @argument("--shutdown", action="store_true", help="ask the worker(s) to exit first")
+    @line_magic
+    def pool_disconnect(self, line: str) -> list[str]:
+        """Close connections; workers keep running (they outlive kernels) unless --shutdown."""
+        args = _parse(self.pool_disconnect, line)
+        names = list(manager.connections) if args.all else [self._conn(args.name).name]
+        for name in names:
+            conn = manager.get(name)
+            if args.shutdown and conn.state == "open":
+                with contextlib.suppress(UsageError):  # already gone: disconnect anyway
+                    self._run(conn.shutdown(timeout=self._timeout(None) or 5.0))
+            manager.disconnect(name)
+        return names
+
+    @magic_arguments()
+    @argument("--gc", action="store_true", help="prune entries whose process is gone")
+    @argument("--algocline", action="store_true", help="also list algocline's registry")
+    @line_magic
+    def pool_workers(self, line: str) -> Any:
+        """Workers in the registry: sid, pid, live/dead, version, age, socket."""
+        import pandas as pd
+
+        args = _parse(self.pool_workers, line)
+        registries = [("pool_notebook", Registry.default())]
+        if args.algocline:
+            registries.append(("algocline", Registry.algocline()))
+        rows = []
+        try:
+            for source, reg in registries:
+                if args.gc:
+                    reg.gc()
+                rows += [{"source": source, "sid": e.sid, "pid": e.pid,
+                          "alive": e.alive, "version": e.version,
+                          "age_s": round(e.age_seconds or 0.0, 1), "sock": e.sock}
+                         for e in reg.entries()]
+        except PoolError as exc:
+            raise UsageError(str(exc)) from None
+        return pd.DataFrame(rows, columns=["source", "sid", "pid", "alive", "version", "age_s",
+                                           "sock"])
+
+    @magic_arguments()
+    @argument("--to", help="only this connection")
+    @argument("--op", help="only this op")
+    @argument("--last", type=int, help="only the last N rows")
+    @argument("--summary", action="store_true", help="count, error rate, p50/p95/p99 per op")
+    @argument("--plot", action="store_true", help="latency over time and its distribution")
+    @argument("--all-sessions", action="store_true", help="include earlier kernels (SQLite)")
+    @line_magic
+    def pool_history(self, line: str) -> Any:
+        """Request history as a pandas DataFrame."""
+        args = _parse(self.pool_history, line)
+        df = manager.history.frame(all_sessions=args.all_sessions)
+        if args.to:
+            df = df[df["connection"] == args.to]
+        if args.op:
+            df = df[df["op"] == args.op]
+        if args.last:
+            df = df.tail(args.last)
+        if args.plot:
+            try:
+                return plot(df)
+            except ImportError as exc:
+                raise UsageError(str(exc)) from None
+        return summary(df) if args.summary else df
+
+
+async def _gather(conns: list[Connection], request: proto.Request,
+                  timeout: float | None) -> list[Reply | PoolError]:
+    import asyncio
+
+    results = await asyncio.gather(*(c.send(request, timeout=timeout) for c in conns),
+                                   return_exceptions=True)
+    out: list[Reply | PoolError] = []
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, PoolError):
+            raise r
+        out.append(r)
+    return out
+
+
+def complete_names(_shell: Any, event: Any) -> list[str]:
+    """Tab completion: connection names after --to/--name, ops in %pool_send."""
+    words = shlex.split(event.line) if event.line.count('"') % 2 == 0 else event.line.split()
+    if (len(words) >= 1 and words[-1] in ("--to", "--name")) or (
+            len(words) >= 2 and words[-2] in ("--to",) and not event.line.endswith(" ")):
+        return list(manager.connections)
+    if words and words[0].lstrip("%") == "pool_send":
+        return ["status", "shutdown", "--to", "--all", "--timeout", "--background", "--out"]
+    return list(manager.connections)
