@@ -38,8 +38,11 @@ def _unquote(value: Any) -> Any:
 
 
 def _parse(magic: Any, line: str) -> Any:
-    """``parse_argstring`` (IPython's ``arg_split``), with quotes around values removed."""
-    args = parse_argstring(magic, line)
+    """``parse_argstring`` (IPython's ``arg_split``), quotes around values removed.
+
+    A trailing ``;`` (IPython's "silence the output") is not an argument.
+    """
+    args = parse_argstring(magic, line.rstrip().removesuffix(";"))
     for key, value in vars(args).items():
         setattr(args, key, _unquote(value))
     return args
