@@ -27,7 +27,8 @@ def _outputs(nb: nbformat.NotebookNode) -> list[str]:
     return [str(o) for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
 
 
-def test_quickstart_runs_and_shows_widgets_and_history() -> None:
+def test_quickstart_runs_and_shows_widgets_and_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POOL_NOTEBOOK_WIDGETS", "1")
     nb = _execute("quickstart.ipynb")
     outputs = _outputs(nb)
     assert any("worker version" in o and "0.1.0" in o for o in outputs)
