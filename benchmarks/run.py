@@ -1,0 +1,186 @@
+"""One command, one run, ratios side by side: ``python benchmarks/run.py``.
+
+1. status round trip against a fast stub responder (another process): our
+   PoolClient vs a blocking ``socket`` client vs naive asyncio streams;
+2. the bundled worker: spawn-to-ready, and status round trip through our client;
+3. history: recording cost per request, 1,000,000 rows -> DataFrame time and bytes/row.
+Medians and p99 over interleaved rounds (the machines here are noisy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from pool_notebook import PoolClient, protocol  # noqa: E402
+from pool_notebook.history import History  # noqa: E402
+from pool_notebook.spawn import spawn_and_connect  # noqa: E402
+
+N = 2000
+ROUNDS = 5
+STATUS = protocol.encode_request(protocol.Status())
+STATUS_OK = protocol.encode_response({"kind": "status", "has_session": False,
+                                      "session_id": None})
+
+
+def _stub(path: str, ready: multiprocessing.synchronize.Event) -> None:
+    """A blocking responder: echo the handshake version, answer everything else as status."""
+    import json
+
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(8)
+    ready.set()
+    while True:
+        conn, _ = srv.accept()
+        buf = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if b'"handshake"' in line:
+                    version = json.loads(line)["version"]
+                    conn.sendall(protocol.encode_response({"kind": "handshake",
+                                                           "version": version}))
+                else:
+                    conn.sendall(STATUS_OK)
+        conn.close()
+
+
+def _pct(samples: list[float]) -> tuple[float, float]:
+    s = sorted(samples)
+    return statistics.median(s) * 1e6, s[int(len(s) * 0.99)] * 1e6
+
+
+def _blocking(path: str) -> list[float]:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    f = s.makefile("rb")
+    s.sendall(b'{"op":"handshake","version":"0.1.0"}\n')
+    f.readline()
+    out = []
+    for _ in range(N):
+        t = time.perf_counter()
+        s.sendall(STATUS)
+        protocol.decode_response(f.readline())
+        out.append(time.perf_counter() - t)
+    s.close()
+    return out
+
+
+async def _naive(path: str) -> list[float]:
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(b'{"op":"handshake","version":"0.1.0"}\n')
+    await reader.readline()
+    out = []
+    for _ in range(N):
+        t = time.perf_counter()
+        writer.write(STATUS)
+        await writer.drain()
+        protocol.decode_response(await reader.readline())
+        out.append(time.perf_counter() - t)
+    writer.close()
+    return out
+
+
+async def _ours(path: str) -> list[float]:
+    out = []
+    async with await PoolClient.connect(path, allow_insecure=True) as c:
+        for _ in range(N):
+            t = time.perf_counter()
+            await c.status()
+            out.append(time.perf_counter() - t)
+    return out
+
+
+def client_vs_baselines() -> None:
+    d = tempfile.mkdtemp(prefix="pnb-")
+    os.chmod(d, 0o700)
+    path = os.path.join(d, "stub.sock")
+    ready = multiprocessing.Event()
+    proc = multiprocessing.Process(target=_stub, args=(path, ready), daemon=True)
+    proc.start()
+    ready.wait(10)
+    runs: dict[str, list[float]] = {"ours": [], "blocking": [], "naive asyncio": []}
+    clients: dict[str, Callable[[], list[float]]] = {
+        "ours": lambda: asyncio.run(_ours(path)),
+        "blocking": lambda: _blocking(path),
+        "naive asyncio": lambda: asyncio.run(_naive(path)),
+    }
+    for _ in range(ROUNDS):
+        for name, fn in clients.items():
+            runs[name] += fn()
+    proc.kill()
+    p50 = {k: _pct(v)[0] for k, v in runs.items()}
+    print(f"\n## status round trip vs a stub responder ({ROUNDS}x{N} requests each)\n")
+    print("| client | p50 µs | p99 µs |")
+    print("|---|---|---|")
+    for name, samples in runs.items():
+        a, b = _pct(samples)
+        print(f"| {name} | {a:.1f} | {b:.1f} |")
+    print(f"\nours / blocking p50 = {p50['ours'] / p50['blocking']:.2f}x (target <= 1.0x); "
+          f"naive asyncio / ours p50 = {p50['naive asyncio'] / p50['ours']:.2f}x (target >= 3x)")
+
+
+async def _worker() -> None:
+    spawn_times = []
+    rtts: list[float] = []
+    for _ in range(5):
+        t = time.perf_counter()
+        client, _w = await spawn_and_connect()
+        spawn_times.append(time.perf_counter() - t)
+        async with client:
+            for _ in range(N):
+                t = time.perf_counter()
+                await client.status()
+                rtts.append(time.perf_counter() - t)
+            await client.shutdown()
+    a, b = _pct(rtts)
+    print("\n## bundled worker\n")
+    print(f"spawn-to-ready (spawn + socket + handshake): median "
+          f"{statistics.median(spawn_times) * 1000:.0f} ms over 5 (target <= 300 ms)")
+    print(f"status round trip through PoolClient: p50 {a:.1f} µs, p99 {b:.1f} µs, "
+          f"{1e6 / a:,.0f} req/s on one connection (target >= 10k req/s)")
+
+
+def history_bench() -> None:
+    def fill(h: History, n: int) -> None:
+        for i in range(n):
+            h.record("w0", "/tmp/x.sock", 1234, "0.1.0", "status", None, None,
+                     1_700_000_000 + i, 0.05, "ok", None, None, 16, 120, None)
+
+    n = 1_000_000
+    h = History(None)
+    t = time.perf_counter()
+    fill(h, n)
+    per_record = (time.perf_counter() - t) / n * 1e6
+    t = time.perf_counter()
+    df = h.frame()
+    frame_s = time.perf_counter() - t
+    bytes_per_row = df.memory_usage(deep=True).sum() / n
+    print("\n## history\n")
+    print(f"record: {per_record:.2f} µs/request (target <= 2 µs)")
+    print(f"1,000,000 records -> DataFrame: {frame_s:.2f} s (target <= 0.5 s), "
+          f"{bytes_per_row:.0f} B/record in the DataFrame (target <= 120 B)")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["history"]:
+        history_bench()
+        sys.exit()
+    os.environ.setdefault("POOL_NOTEBOOK_HOME", tempfile.mkdtemp(prefix="pnb-home-"))
+    client_vs_baselines()
+    asyncio.run(_worker())
+    history_bench()
