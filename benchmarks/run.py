@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pool_notebook import PoolClient, protocol  # noqa: E402
-from pool_notebook.history import History  # noqa: E402
-from pool_notebook.spawn import spawn_and_connect  # noqa: E402
+from pool_notebook import PoolClient, protocol
+from pool_notebook.history import History
+from pool_notebook.spawn import spawn_and_connect
 
 N = 2000
 ROUNDS = 5
