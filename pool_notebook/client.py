@@ -405,7 +405,7 @@ class PoolClient:
             phase = "reading"
             line = await self._read_line(deadline)
             phase = "done"
-            return proto.decode_response(line)
+            return proto.decode_response(line, len(data))
         except _Expired:
             if phase == "settling":
                 raise _Expired(self._queue_reason()) from None

@@ -115,6 +115,14 @@ class Reply:
                 f"{self.latency_ms:.3f} ms>")
 
 
+def _request_size(request: proto.Request) -> int:
+    """Bytes of ``request`` on the wire, for rows without a response (errors only)."""
+    try:
+        return len(proto.encode_request(request))
+    except MalformedRequest:
+        return 0
+
+
 def _feed_state(response: proto.Response | None) -> str | None:
     feed = response.feed if response else None
     return feed.state if feed is not None else None
@@ -158,7 +166,8 @@ class Connection:
             sent_ns, latency_ms, outcome,
             type(error).__name__ if error is not None else None,
             str(error) if error is not None else (response.error if response else None),
-            len(proto.encode_request(request)), response.size if response else 0,
+            response.request_size if response else _request_size(request),
+            response.size if response else 0,
             _feed_state(response),
         )
 

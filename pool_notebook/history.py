@@ -193,6 +193,7 @@ class History:
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
             assert self.path is not None
+            # mkdir, not ensure_private_dir: the user may point this into a shared dir
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             db = sqlite3.connect(self.path, timeout=10)
             with contextlib.suppress(OSError):

@@ -8,7 +8,6 @@ coroutine on the kernel's loop via :data:`pool_notebook.loop.runner`.
 from __future__ import annotations
 
 import contextlib
-import shlex
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -299,11 +298,6 @@ async def _gather(conns: list[Connection], request: proto.Request,
 
 
 def complete_names(_shell: Any, event: Any) -> list[str]:
-    """Tab completion: connection names after --to/--name, ops in %pool_send."""
-    words = shlex.split(event.line) if event.line.count('"') % 2 == 0 else event.line.split()
-    if (len(words) >= 1 and words[-1] in ("--to", "--name")) or (
-            len(words) >= 2 and words[-2] in ("--to",) and not event.line.endswith(" ")):
-        return list(manager.connections)
-    if words and words[0].lstrip("%") == "pool_send":
-        return ["status", "shutdown", "--to", "--all", "--timeout", "--background", "--out"]
-    return list(manager.connections)
+    """Tab completion: connection names, plus op names for ``%pool_send``."""
+    ops = ["status", "shutdown"] if event.line.lstrip("%").startswith("pool_send") else []
+    return [*manager.connections, *ops]

@@ -400,6 +400,8 @@ class Response:
     error: str | None
     raw: Mapping[str, Any]
     size: int = 0
+    #: Bytes of the request line this answers (set by the client; 0 when unknown).
+    request_size: int = 0
 
     @property
     def feed(self) -> FeedResult | None:
@@ -492,7 +494,7 @@ def _data(obj: Mapping[str, Any]) -> ResponseData:
     return UnknownData(str(kind), obj)
 
 
-def decode_response(line: bytes) -> Response:
+def decode_response(line: bytes, request_size: int = 0) -> Response:
     """Parse one complete response line (with or without its ``\\n``).
 
     Raises ``ResponseParseError`` carrying the offending bytes for anything that
@@ -515,7 +517,7 @@ def decode_response(line: bytes) -> Response:
         data = _data(data_obj) if data_obj is not None else None
     except ValueError as exc:
         raise ResponseParseError(str(exc), body) from exc
-    return Response(ok, data, error, obj, len(line))
+    return Response(ok, data, error, obj, len(line), request_size)
 
 
 def encode_response(data: Mapping[str, Any]) -> bytes:

@@ -104,9 +104,6 @@ async def spawn_worker(
     log_path = base / f"{sid}.log"
     argv = _argv(command or DEFAULT_COMMAND, sid, sock)
     child_env = {**os.environ, **(env or {})}
-    child_env.setdefault("POOL_NOTEBOOK_HOME", os.environ.get("POOL_NOTEBOOK_HOME", ""))
-    if not child_env["POOL_NOTEBOOK_HOME"]:
-        del child_env["POOL_NOTEBOOK_HOME"]
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(
