@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pool_notebook import spawn
 from pool_notebook.registry import Registry
 
 
@@ -31,4 +32,8 @@ def pool_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     for entry in entries:
         with contextlib.suppress(ProcessLookupError):
             os.kill(entry.pid, signal.SIGKILL)
+    for child in spawn._children:  # a worker whose entry is gone must not outlive its test
+        if child.poll() is None:
+            child.kill()
+            child.wait()
     shutil.rmtree(home, ignore_errors=True)
