@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import protocol as proto
 from .._version import PROTOCOL_VERSION
-from ..errors import MalformedRequest
+from ..errors import MalformedRequest, ResponseTooLarge
 from ..registry import Registry
 from ..security import ensure_private_dir
 from .runtime import DEFAULT_MAX_MEMORY, LuaSession, SessionError, Step
@@ -74,7 +74,8 @@ class Worker:
         self.kv_state: dict[str, Any] = {}
         self._lua = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lua")
         self._lua_busy = False
-        self._client: asyncio.StreamWriter | None = None
+        self._client: _ClientConnection | None = None
+        self._idle_status = proto.encode_response(self._status(False))
         self._stop: asyncio.Event | None = None
         self._last_activity = 0.0
         self.exit_reason = ""
@@ -88,8 +89,8 @@ class Worker:
         self._remove_stale_socket()
         old_umask = os.umask(0o177)  # the socket is born 0600...
         try:
-            server = await asyncio.start_unix_server(
-                self._serve_client, str(self.sock_path), limit=self.max_line_bytes
+            server = await loop.create_unix_server(
+                lambda: _ClientConnection(self), str(self.sock_path)
             )
         finally:
             os.umask(old_umask)
@@ -146,92 +147,54 @@ class Worker:
                 self.stop(f"idle for {self.idle_timeout:g}s")
                 return
 
-    async def _serve_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def _connection_made(self, conn: _ClientConnection) -> bool:
+        """A client connected; False (after telling it why) if another one is served."""
         if self._client is not None:
-            writer.write(proto.error_response("worker busy: another client is connected"))
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
-            writer.close()
-            return
-        self._client = writer
-        kicked = False
-        try:
-            kicked = await self._client_loop(reader, writer)
-        finally:
-            self._client = None
-            writer.close()
-        self._last_activity = asyncio.get_running_loop().time()
-        if not kicked and not (self.session and self.session.state == "paused"):
-            self.stop("client disconnected")
-
-    async def _client_loop(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        """Serve requests until EOF; True if we closed the connection ourselves."""
-        greeted = False
-        while True:
-            try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError:
-                return False
-            except asyncio.LimitOverrunError:
-                await self._send(writer, proto.error_response(
-                    f"malformed request: line longer than {self.max_line_bytes} bytes"))
-                return True
-            except ConnectionError:
-                return False
-            self._last_activity = asyncio.get_running_loop().time()
-            try:
-                request = proto.decode_request(line)
-            except MalformedRequest as exc:
-                await self._send(writer, proto.error_response(f"malformed request: {exc}"))
-                continue
-            if not greeted:
-                if not isinstance(request, proto.Handshake):
-                    await self._send(writer, proto.error_response(
-                        "expected a handshake as the first message"))
-                    return True
-                if request.version != self.version:
-                    await self._send(writer, proto.error_response(
-                        proto.version_mismatch_message(request.version, self.version)))
-                    return True
-                greeted = True
-                await self._send(writer, proto.encode_response(
-                    {"kind": "handshake", "version": self.version}))
-                continue
-            reply = await self._handle(request)
-            if not await self._send(writer, reply):
-                return False
-            if isinstance(request, proto.Shutdown):
-                self.stop("shutdown requested")
-                return True
-
-    @staticmethod
-    async def _send(writer: asyncio.StreamWriter, data: bytes) -> bool:
-        try:
-            writer.write(data)
-            await writer.drain()
-        except ConnectionError:
-            log.warning("client went away before its reply could be sent")
+            conn.reply(proto.error_response("worker busy: another client is connected"))
             return False
+        self._client = conn
         return True
 
-    async def _handle(self, request: proto.Request) -> bytes:
-        if isinstance(request, proto.Handshake):
-            return proto.error_response("handshake already done on this connection")
+    def _connection_lost(self, conn: _ClientConnection) -> None:
+        if self._client is not conn:
+            return
+        self._client = None
+        self._last_activity = asyncio.get_running_loop().time()
+        if not conn.kicked and not (self.session and self.session.state == "paused"):
+            self.stop("client disconnected")
+
+    def _handshake(self, request: proto.Request) -> tuple[bytes, bool]:
+        """The reply to a connection's first line, and whether the client may go on."""
+        if not isinstance(request, proto.Handshake):
+            return proto.error_response("expected a handshake as the first message"), False
+        if request.version != self.version:
+            message = proto.version_mismatch_message(request.version, self.version)
+            return proto.error_response(message), False
+        return proto.encode_response({"kind": "handshake", "version": self.version}), True
+
+    def _handle_now(self, request: proto.Request) -> bytes | None:
+        """The reply to a request that needs no Lua, or None if it does."""
         if isinstance(request, proto.Status):
+            if not request.include_history and self.session is None:
+                return self._idle_status
             return proto.encode_response(self._status(request.include_history))
         if isinstance(request, proto.Shutdown):
             return proto.encode_response({"kind": "shutdown"})
+        if isinstance(request, proto.Handshake):
+            return proto.error_response("handshake already done on this connection")
         if isinstance(request, proto.Run):
             if self.session is not None and self.session.state in ("running", "paused"):
                 return proto.error_response("worker already has an active session")
-            return await self._run(request)
+            return None
         if isinstance(request, proto.Continue):
-            return await self._continue(request)
+            return None
         return proto.error_response(f"malformed request: unsupported op {request.op!r}")
+
+    async def _handle_lua(self, request: proto.Request) -> bytes:
+        if isinstance(request, proto.Run):
+            return await self._run(request)
+        assert isinstance(request, proto.Continue)
+        return await self._continue(request)
 
     def _status(self, include_history: bool) -> dict[str, Any]:
         s = self.session
@@ -302,3 +265,91 @@ class Worker:
             result = {"Finished": {"state": state, "metrics": self.session.metrics()}}
         return proto.encode_response(
             {"kind": "feed", "session_id": session_id, "feed_result": result})
+
+
+class _ClientConnection(asyncio.Protocol):
+    """One client: bounded line framing, one request at a time, replies in order.
+
+    Requests that need no Lua are answered inside ``data_received``; ``run`` and
+    ``continue`` go to the Lua thread, and lines arriving meanwhile wait their turn.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.buffer = proto.LineBuffer(worker.max_line_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.greeted = False
+        self.busy = False
+        self.kicked = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if not self.worker._connection_made(self):
+            self.kick()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker._connection_lost(self)
+
+    def reply(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def kick(self) -> None:
+        """Close the connection ourselves (the worker keeps running)."""
+        self.kicked = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer.feed(data)
+        self._pump()
+
+    def _pump(self) -> None:
+        worker = self.worker
+        while not self.busy and not self.kicked:
+            try:
+                line = self.buffer.next_line()
+            except ResponseTooLarge:
+                self.reply(proto.error_response(
+                    f"malformed request: line longer than {worker.max_line_bytes} bytes"))
+                self.kick()
+                return
+            if line is None:
+                return
+            worker._last_activity = asyncio.get_running_loop().time()
+            try:
+                request = proto.decode_request(line)
+            except MalformedRequest as exc:
+                self.reply(proto.error_response(f"malformed request: {exc}"))
+                continue
+            if not self.greeted:
+                answer, self.greeted = worker._handshake(request)
+                self.reply(answer)
+                if not self.greeted:
+                    self.kick()
+                continue
+            now = worker._handle_now(request)
+            if now is None:
+                self.busy = True
+                task = asyncio.get_running_loop().create_task(worker._handle_lua(request))
+                task.add_done_callback(self._lua_done)
+                return
+            self.reply(now)
+            if isinstance(request, proto.Shutdown):
+                worker.stop("shutdown requested")
+                self.kick()
+
+    def _lua_done(self, task: asyncio.Task[bytes]) -> None:
+        self.busy = False
+        if task.cancelled():
+            return
+        if self.transport is None or self.transport.is_closing():
+            log.warning("client went away before its reply could be sent")
+        exc = task.exception()
+        if exc is not None:
+            log.error("internal error while running Lua", exc_info=exc)
+            self.reply(proto.error_response(f"internal worker error: {exc!r}"))
+        else:
+            self.reply(task.result())
+        self._pump()
