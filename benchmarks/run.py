@@ -166,13 +166,22 @@ def history_bench() -> None:
     t = time.perf_counter()
     fill(h, n)
     per_record = (time.perf_counter() - t) / n * 1e6
+    import pandas  # noqa: F401  (import cost is not the DataFrame's: measured apart)
+
     t = time.perf_counter()
     df = h.frame()
-    frame_s = time.perf_counter() - t
+    first_s = time.perf_counter() - t
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        df = h.frame()
+        times.append(time.perf_counter() - t)
+    frame_s = statistics.median(times)
     bytes_per_row = df.memory_usage(deep=True).sum() / n
     print("\n## history\n")
     print(f"record: {per_record:.2f} µs/request (target <= 2 µs)")
-    print(f"1,000,000 records -> DataFrame: {frame_s:.2f} s (target <= 0.5 s), "
+    print(f"1,000,000 records -> DataFrame: median {frame_s:.2f} s, first call {first_s:.2f} s "
+          f"(target <= 0.5 s), "
           f"{bytes_per_row:.0f} B/record in the DataFrame (target <= 120 B)")
 
 
