@@ -131,3 +131,24 @@ def test_background_send_while_other_cells_run(kernel: Any) -> None:
     results = _collect(kc, ids)
     assert results[ids[1]]["stdout"].startswith("other cell ran")
     assert results[ids[2]]["stdout"].strip() == "ok"
+
+
+def test_kernel_restart_keeps_history_and_paused_session(kernel: Any, tmp_path: Path) -> None:
+    km, kc = kernel
+    first = _exec(kc, "%load_ext pool_notebook\nc = %pool_connect --name k\n"
+                      "%pool_send status\nprint(c.worker_sid)")
+    assert first["error"] is None, first
+    paused = _exec(kc, "%%pool_run\nreturn 'after restart: ' .. alc.llm('still paused?')")
+    assert paused["error"] is None, paused
+    sid = first["stdout"].split()[-1]
+    km.restart_kernel(now=True)
+    kc.wait_for_ready(timeout=60)
+    again = _exec(kc, f"%load_ext pool_notebook\nc = %pool_connect --sid {sid} --name k2\n"
+                      "st = %pool_status\n"
+                      "done = await c.continue_(st.session_id, 'yes')\nprint(done.result)\n"
+                      "df = %pool_history --all-sessions\n"
+                      "print(df.kernel_session.nunique(), list(df.op))")
+    assert again["error"] is None, again
+    lines = again["stdout"].splitlines()
+    assert lines[0] == "after restart: yes"
+    assert lines[1] == "2 ['status', 'run', 'status', 'continue']"
