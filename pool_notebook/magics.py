@@ -8,6 +8,7 @@ coroutine on the kernel's loop via :data:`pool_notebook.loop.runner`.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -59,6 +60,8 @@ class PoolMagics(Magics):
         config=True)
     widgets = Bool(True, help="Show ipywidgets (off: static HTML/text only).").tag(config=True)
     show_tracebacks = Bool(False, help="Show full tracebacks for pool errors.").tag(config=True)
+    progress_after = Float(2.0, help="Seconds before a --respond run starts showing "
+                           "progress.").tag(config=True)
 
     # --------------------------------------------------------------- helpers
 
@@ -181,8 +184,10 @@ class PoolMagics(Magics):
         respond = self._eval(args.respond, "--respond") if args.respond else None
         if respond is not None and not callable(respond):
             raise UsageError(f"--respond {args.respond} is not callable")
+        progress = _Progress(conn.name, self.progress_after)
         reply = self._run(conn.run(cell, ctx=ctx, lib_paths=args.lib, respond=respond,
-                                   timeout=self._timeout(args.timeout)))
+                                   timeout=self._timeout(args.timeout), on_step=progress.step))
+        progress.done(reply)
         view = PausedSessionView(conn, reply, use_widgets=self._widgets())
         self._store(args.out, view)
         return view
@@ -281,6 +286,37 @@ class PoolMagics(Magics):
             except ImportError as exc:
                 raise UsageError(str(exc)) from None
         return summary(df) if args.summary else df
+
+
+class _Progress:
+    """A one-line progress display for long ``--respond`` runs, shown after a delay."""
+
+    def __init__(self, name: str, after: float) -> None:
+        self.name = name
+        self.after = after
+        self.start = time.monotonic()
+        self.steps = 0
+        self.handle: Any = None
+
+    def _show(self, text: str) -> None:
+        if self.handle is None:
+            self.handle = display(text, display_id=True)
+        else:
+            self.handle.update(text)
+
+    def step(self, reply: Reply) -> None:
+        self.steps += 1
+        elapsed = time.monotonic() - self.start
+        if elapsed >= self.after:
+            pending = len(reply.feed.queries) if isinstance(reply.feed, proto.Paused) else 0
+            self._show(f"{self.name}: session {reply.session_id} - pause {self.steps}, "
+                       f"answering {pending} quer{'y' if pending == 1 else 'ies'} "
+                       f"({elapsed:.1f} s)")
+
+    def done(self, reply: Reply) -> None:
+        if self.handle is not None:
+            self._show(f"{self.name}: {reply.outcome}, {self.steps} pauses answered in "
+                       f"{time.monotonic() - self.start:.1f} s")
 
 
 async def _gather(conns: list[Connection], request: proto.Request,

@@ -143,3 +143,21 @@ def test_request_parsing() -> None:
     assert parse_request(" status ") == proto.Status()
     assert parse_request('{"op":"run","code":"x"}') == proto.Run("x")
     assert parse_request('{"op":"custom","a":1}') == proto.RawRequest({"op": "custom", "a": 1})
+
+
+def test_progress_line_for_long_respond_runs(ip: InteractiveShell) -> None:
+    from IPython.utils.capture import capture_output
+
+    ip.run_line_magic("pool_connect", "")
+    ip.run_line_magic("config", "PoolMagics.progress_after = 0")
+    try:
+        with capture_output() as captured:
+            view = ip.run_cell_magic("pool_run", "--respond 'lambda q: q.prompt.upper()'",
+                                     "return alc.llm('a') .. alc.llm('b')")
+    finally:
+        ip.run_line_magic("config", "PoolMagics.progress_after = 2.0")
+    assert view.last.result == "AB"
+    shown = "\n".join(str(o.data.get("text/plain", "")) for o in captured.outputs) + \
+        captured.stdout
+    assert "pause 1, answering 1 query" in shown
+    assert "ok, 2 pauses answered" in shown
