@@ -1,9 +1,11 @@
-"""One command, one run, ratios side by side: ``python benchmarks/run.py``.
+"""One command, one run, ratios side by side: ``python benchmarks/run.py [part ...]``.
 
 1. status round trip against a fast stub responder (another process): our
    PoolClient vs a blocking ``socket`` client vs naive asyncio streams;
 2. the bundled worker: spawn-to-ready, and status round trip through our client;
-3. history: recording cost per request, 1,000,000 rows -> DataFrame time and bytes/row.
+3. magics: %%pool_send overhead over the bare client, display cost, 64-worker fan-out;
+4. history: recording cost per request, 1,000,000 rows -> DataFrame time and bytes/row.
+Parts: client, worker, magics, history (default: all).
 Medians and p99 over interleaved rounds (the machines here are noisy).
 """
 
@@ -18,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -155,6 +158,86 @@ async def _worker() -> None:
           f"{1e6 / a:,.0f} req/s on one connection (target >= 10k req/s)")
 
 
+def magics_bench() -> None:
+    """Magic overhead over the bare client, what widgets cost, and 64-worker fan-out."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from pool_notebook.connections import Reply, manager
+    from pool_notebook.display import PausedSessionView
+    from pool_notebook.history import History
+    from pool_notebook.loop import runner
+
+    os.environ["POOL_NOTEBOOK_WIDGETS"] = "0"
+    manager.history = History(None)
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "pool_notebook")
+    conn = ip.run_line_magic("pool_connect", "--name bench")
+    bare: list[float] = []
+    magic: list[float] = []
+    for _ in range(ROUNDS):
+        for _ in range(N // 4):
+            t = time.perf_counter()
+            runner.run(conn.client.status())
+            bare.append(time.perf_counter() - t)
+        for _ in range(N // 4):
+            t = time.perf_counter()
+            ip.run_cell_magic("pool_send", "", "status")
+            magic.append(time.perf_counter() - t)
+    b50, m50 = _pct(bare)[0], _pct(magic)[0]
+    reply: Reply = ip.run_cell_magic("pool_send", "", "status")
+    html_us = _timeit(lambda: reply._repr_html_())
+    paused = runner.run(conn.run("return alc.llm('q?')"))
+    static_us = _timeit(lambda: PausedSessionView(conn, paused, use_widgets=False).html())
+    widget_us = _timeit(lambda: PausedSessionView(conn, paused, use_widgets=True), 200)
+    print("\n## magics\n")
+    print(f"%%pool_send status, widgets off: p50 {m50:.1f} µs vs bare client {b50:.1f} µs "
+          f"through the same loop: overhead {m50 - b50:.1f} µs (target <= 1000 µs)")
+    print(f"display cost: reply HTML {html_us:.0f} µs; paused-session view static "
+          f"{static_us:.0f} µs, as ipywidgets {widget_us:.0f} µs")
+    runner.run(conn.shutdown())
+    ip.run_line_magic("pool_disconnect", "--all")
+
+    async def spawn_many(n: int, batch: int = 8) -> list[Any]:  # 2 cores: not all at once
+        out: list[Any] = []
+        for start in range(0, n, batch):
+            out += await asyncio.gather(*(manager.connect(name=f"f{i}")
+                                          for i in range(start, min(n, start + batch))))
+        return out
+
+    conns = runner.run(spawn_many(64))
+    one: list[float] = []
+    fan: list[float] = []
+    seq: list[float] = []
+
+    async def one_by_one() -> None:
+        for c in conns:
+            await c.status()
+
+    for _ in range(20):
+        t = time.perf_counter()
+        runner.run(one_by_one())
+        seq.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        runner.run(conns[0].status())
+        one.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ip.run_cell_magic("pool_send", "--all", "status")
+        fan.append(time.perf_counter() - t)
+    o50, f50 = statistics.median(one) * 1e6, statistics.median(fan) * 1e6
+    print(f"fan-out %%pool_send --all to 64 workers: p50 {f50:.0f} µs vs one round trip "
+          f"{o50:.0f} µs = {f50 / o50:.1f}x (target <= 3x; {os.cpu_count()} cores for 64 "
+          f"worker processes); the same 64 requests one after another: "
+          f"{statistics.median(seq) * 1e6:.0f} µs")
+    ip.run_line_magic("pool_disconnect", "--all --shutdown")
+
+
+def _timeit(fn: Callable[[], Any], n: int = 1000) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n * 1e6
+
+
 def history_bench() -> None:
     def fill(h: History, n: int) -> None:
         for i in range(n):
@@ -186,10 +269,9 @@ def history_bench() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["history"]:
-        history_bench()
-        sys.exit()
     os.environ.setdefault("POOL_NOTEBOOK_HOME", tempfile.mkdtemp(prefix="pnb-home-"))
-    client_vs_baselines()
-    asyncio.run(_worker())
-    history_bench()
+    os.environ.setdefault("POOL_NOTEBOOK_HISTORY", "off")
+    parts = {"client": client_vs_baselines, "worker": lambda: asyncio.run(_worker()),
+             "magics": magics_bench, "history": history_bench}
+    for name in sys.argv[1:] or parts:
+        parts[name]()

@@ -526,7 +526,10 @@ class PoolClient:
 
     async def _read_line(self, deadline: float | None) -> bytes:
         buffer = self._buffer
-        spin_until = time.perf_counter() + self._spin
+        # Poll only when nothing else is ready to run: spinning while other tasks wait
+        # (e.g. a fan-out to many workers) would serialise them.
+        busy_loop = getattr(self._loop, "_ready", None)
+        spin_until = time.perf_counter() + (0.0 if busy_loop else self._spin)
         while True:
             line = buffer.next_line()
             if line is not None:

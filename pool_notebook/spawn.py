@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .client import PoolClient
-from .errors import SpawnError
+from .errors import ConnectError, SpawnError
 from .registry import Registry, WorkerEntry, pool_dir
 from .security import ensure_private_dir
 
@@ -155,8 +155,18 @@ async def spawn_and_connect(
     registry = registry or Registry.default()
     worker = await spawn_worker(command, directory=registry.path.parent, env=env,
                                 timeout=spawn_timeout)
+    deadline = time.monotonic() + spawn_timeout
     try:
-        client = await PoolClient.connect(worker.sock, **connect_options)
+        while True:
+            try:
+                client = await PoolClient.connect(worker.sock, **connect_options)
+                break
+            except ConnectError as exc:
+                # the socket file exists from bind(); connect is refused until listen()
+                if not isinstance(exc.__cause__, ConnectionRefusedError) or \
+                        time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.005)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, 15)
