@@ -44,3 +44,19 @@ def test_committed_notebooks_have_no_outputs() -> None:
         nb = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") and not c.get("execution_count")
                    for c in nb.cells if c.cell_type == "code"), path
+
+
+def test_latency_notebook_runs_thousands_of_requests() -> None:
+    nb = _execute("latency.ipynb")
+    outputs = _outputs(nb)
+    assert any("requests" in o for o in outputs)
+    assert any("p99_ms" in o for o in outputs)
+    assert any("image/png" in o for o in outputs)
+
+
+def test_interop_notebook_runs_and_says_what_it_skipped() -> None:
+    nb = _execute("interop.ipynb")
+    outputs = _outputs(nb)
+    assert any("version mismatch: client=0.1.0, server=0.31.0" in o for o in outputs)
+    assert any("resumed: yes" in o for o in outputs)
+    assert any("skipped: no algocline" in o or "Connection 'alc'" in o for o in outputs)
