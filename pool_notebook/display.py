@@ -63,7 +63,15 @@ def reply_html(reply: Reply) -> str:
             f"{reply.outcome}</span> · {reply.latency_ms:.3f} ms · #{reply.seq}")
     feed = reply.feed
     state = f" · <span class='pool-feed'>{feed.state}</span>" if feed is not None else ""
-    return f"{head}{state}<div>{_tree(reply.payload)}</div></div>"
+    if isinstance(feed, proto.Finished):  # what the user wants to see: the result or error
+        outcome = feed.outcome
+        shown = (outcome.result if isinstance(outcome, proto.Completed) else
+                 outcome.error if isinstance(outcome, proto.Failed) else None)
+        body = (f"<div class='pool-result'>{_tree(shown)}</div>"
+                f"<details><summary>metrics</summary>{_tree(dict(feed.metrics))}</details>")
+    else:
+        body = f"<div>{_tree(reply.payload)}</div>"
+    return f"{head}{state}{body}</div>"
 
 
 def connection_html(conn: Connection) -> str:
@@ -90,18 +98,18 @@ def transcript_html(steps: list[Reply]) -> str:
     lines = []
     for r in steps:
         if isinstance(r.request, proto.Continue):
-            lines.append(f"<li>→ {html.escape(r.request.query_id or 'q-0')}: "
+            lines.append(f"<li>answered {html.escape(r.request.query_id or 'q-0')}: "
                          f"{html.escape(r.request.response[:200])}</li>")
         feed = r.feed
         if isinstance(feed, proto.Paused):
-            lines.append("<li>⏸ " + "; ".join(html.escape(q.prompt[:120])
-                                               for q in feed.queries) + "</li>")
+            lines.append("<li>asked: " + "; ".join(html.escape(q.prompt[:120])
+                                                   for q in feed.queries) + "</li>")
         elif isinstance(feed, proto.Accepted):
-            lines.append(f"<li>✓ accepted, {feed.remaining} remaining</li>")
+            lines.append(f"<li>accepted, {feed.remaining} remaining</li>")
         elif isinstance(feed, proto.Finished):
-            lines.append(f"<li>■ {feed.state}</li>")
+            lines.append(f"<li>{feed.state}</li>")
         elif not r.ok:
-            lines.append(f"<li>✗ {html.escape(str(r.payload))}</li>")
+            lines.append(f"<li>error: {html.escape(str(r.payload))}</li>")
     return f"<ol class='pool-transcript' style='margin:0'>{''.join(lines)}</ol>"
 
 

@@ -1,0 +1,131 @@
+"""The quickstart in real JupyterLab, driven in Debian's Chromium by Playwright.
+
+Checks what a person sees: the connection table with the worker version, the
+paused-query widget with its prompt, an answer typed and sent with the Send
+button updating the widget, and the history table. Screenshots go to
+``tests/artifacts/``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("pool_home")]
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[str]:
+    """JupyterLab from this venv on localhost, serving a copy of the quickstart."""
+    root = tmp_path / "lab"
+    root.mkdir()
+    shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
+    token = secrets.token_hex(16)
+    port = _free_port()
+    settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)  # no "get Jupyter news?" toast over the screenshot
+    (settings / "notification.jupyterlab-settings").write_text(
+        '{"fetchNews": "false", "checkForUpdates": false}')
+    env = {**os.environ, "POOL_NOTEBOOK_WIDGETS": "1", "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings")}
+    log = open(tmp_path / "lab.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+         "--ServerApp.open_browser=False", "--allow-root"],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.close()
+                raise RuntimeError("JupyterLab did not start:\n" +
+                                   (tmp_path / "lab.log").read_text()[-3000:]) from None
+            time.sleep(0.2)
+    try:
+        yield f"{base}/lab/tree/{NOTEBOOK.name}?token={token}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _run_menu(page: object, item: str) -> None:
+    page.get_by_role("menuitem", name="Run", exact=True).click()  # type: ignore[attr-defined]
+    page.get_by_role("menuitem", name=item, exact=True).click()  # type: ignore[attr-defined]
+
+
+def test_quickstart_in_chromium(lab: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
+            page.set_default_timeout(90_000)
+            page.goto(lab)
+            expect(page.locator(".jp-Notebook")).to_be_visible()
+            expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(
+                1)
+            cells = page.locator(".jp-Notebook .jp-Cell")
+            answer_cell = cells.filter(has_text="unless you already pressed Send")
+            answer_cell.locator(".jp-InputArea-editor").click()
+            _run_menu(page, "Run All Above Selected Cell")
+
+            version = page.locator(".pool-connection td.pool-worker-version")
+            expect(version).to_have_text("0.1.0")
+            session = page.locator(".pool-session").first
+            expect(session.locator(".pool-prompt")).to_have_text("What is 2 + 2?")
+            page.screenshot(path=str(ARTIFACTS / "quickstart-paused.png"), full_page=True)
+
+            session.locator("textarea").fill("4")
+            session.get_by_role("button", name="Send").click()
+            expect(session.locator(".pool-feed")).to_have_text("completed")
+            expect(session).to_contain_text('"4"')
+
+            answer_cell.locator(".jp-InputArea-editor").click()
+            _run_menu(page, "Run Selected Cell and All Below")
+            history = page.locator("table.dataframe", has_text="latency_ms").first
+            expect(history).to_be_visible()
+            expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(
+                1)
+            expect(page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
+                                has_text="Error")).to_have_count(0)
+            session.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "quickstart.png"), full_page=True)
+        finally:
+            browser.close()
