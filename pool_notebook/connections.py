@@ -87,8 +87,7 @@ class Reply:
 
     @property
     def session_id(self) -> str | None:
-        data = self.response.data if self.response else None
-        return data.session_id if isinstance(data, (proto.FeedData, proto.StatusData)) else None
+        return _session_id(self.response)
 
     @property
     def result(self) -> Any:
@@ -121,6 +120,11 @@ def _request_size(request: proto.Request) -> int:
         return len(proto.encode_request(request))
     except MalformedRequest:
         return 0
+
+
+def _session_id(response: proto.Response | None) -> str | None:
+    data = response.data if response else None
+    return data.session_id if isinstance(data, (proto.FeedData, proto.StatusData)) else None
 
 
 def _feed_state(response: proto.Response | None) -> str | None:
@@ -156,8 +160,7 @@ class Connection:
 
     def _record(self, request: proto.Request, sent_ns: int, latency_ms: float, outcome: str,
                 response: proto.Response | None, error: BaseException | None) -> int:
-        data = response.data if response else None
-        sid = data.session_id if isinstance(data, (proto.FeedData, proto.StatusData)) else None
+        sid = _session_id(response)
         if sid is None and isinstance(request, proto.Continue):
             sid = request.sid
         return self.history.record(

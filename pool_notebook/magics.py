@@ -87,9 +87,6 @@ class PoolMagics(Magics):
     def _widgets(self) -> bool:
         return widgets_enabled(None) and self.widgets
 
-    def _show(self, obj: Any) -> None:
-        display(obj)
-
     def _store(self, name: str | None, value: Any) -> None:
         if name and self.shell is not None:
             self.shell.user_ns[name] = value
@@ -150,9 +147,8 @@ class PoolMagics(Magics):
         if args.background:
             task = runner.schedule(conn.send(request, timeout=timeout))
             self._store(args.out, task)
-            from IPython.display import display as show
-
-            handle = show(f"{conn.name}:{request.op} sent in the background…", display_id=True)
+            handle = display(f"{conn.name}:{request.op} sent in the background…",
+                             display_id=True)
             if handle is not None:
                 task.add_done_callback(lambda t: handle.update(
                     t.result() if not t.cancelled() and t.exception() is None else
