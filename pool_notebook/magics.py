@@ -8,6 +8,7 @@ coroutine on the kernel's loop via :data:`pool_notebook.loop.runner`.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from typing import Any
 
@@ -27,6 +28,9 @@ from .loop import runner
 from .registry import Registry
 
 __all__ = ["PoolMagics"]
+
+
+_NAME_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _unquote(value: Any) -> Any:
@@ -87,6 +91,15 @@ class PoolMagics(Magics):
     def _widgets(self) -> bool:
         return widgets_enabled(None) and self.widgets
 
+    def _expand(self, cell: str) -> str:
+        """``{name}`` -> the user variable's value, as IPython does for magic lines.
+
+        Only bare names are replaced (JSON's own braces stay as they are); Lua cells
+        of ``%%pool_run`` are not expanded at all (Lua tables use braces: use --ctx).
+        """
+        ns = self.shell.user_ns if self.shell is not None else {}
+        return _NAME_FIELD.sub(lambda m: str(ns[m[1]]) if m[1] in ns else m[0], cell)
+
     def _store(self, name: str | None, value: Any) -> None:
         if name and self.shell is not None:
             self.shell.user_ns[name] = value
@@ -126,9 +139,12 @@ class PoolMagics(Magics):
     @argument("request", nargs="*", help="the request, if not given as the cell body")
     @line_cell_magic
     def pool_send(self, line: str, cell: str | None = None) -> Any:
-        """Send one request: a JSON object or a bare op name (``status``, ``shutdown``)."""
+        """Send one request: a JSON object or a bare op name (``status``, ``shutdown``).
+
+        ``{name}`` in the cell is replaced by the Python variable's value.
+        """
         args = _parse(self.pool_send, line)
-        text = cell if cell is not None else " ".join(args.request)
+        text = self._expand(cell) if cell is not None else " ".join(args.request)
         if not text.strip():
             raise UsageError("give a request: %pool_send status, or a JSON object in the cell")
         try:
@@ -171,6 +187,8 @@ class PoolMagics(Magics):
         """Run the cell as Lua code on the worker (a ``run`` request).
 
         Without ``--respond`` a paused session shows its queries with answer boxes.
+        The cell is sent as written (Lua tables use braces); pass Python values
+        with ``--ctx`` (the Lua global ``ctx``).
         """
         args = _parse(self.pool_run, line)
         if not cell or not cell.strip():

@@ -161,3 +161,22 @@ def test_progress_line_for_long_respond_runs(ip: InteractiveShell) -> None:
         captured.stdout
     assert "pause 1, answering 1 query" in shown
     assert "ok, 2 pauses answered" in shown
+
+
+def test_var_expansion_help_and_completion(ip: InteractiveShell) -> None:
+    from types import SimpleNamespace
+
+    from pool_notebook.magics import complete_names
+
+    ip.run_line_magic("pool_connect", "--name exp")
+    ip.user_ns["flag"] = "true"
+    reply = ip.run_cell_magic("pool_send", "", '{"op": "status", "include_history": {flag}}')
+    assert reply.ok and reply.request == proto.Status(include_history=True)
+    target = "exp"
+    assert ip.run_line_magic("pool_status", f"--to {target}").ok
+    lua = ip.run_cell_magic("pool_run", "", "local t = {1, 2} return #t")  # braces untouched
+    assert lua.last.result == 2
+    assert "--respond" in ip.find_line_magic("pool_run").__doc__
+    event = SimpleNamespace(line="%%pool_send --to ", symbol="", text_until_cursor="")
+    assert complete_names(ip, event) == ["exp", "status", "shutdown"]
+    assert complete_names(ip, SimpleNamespace(line="%pool_status --to e")) == ["exp"]

@@ -280,3 +280,17 @@ def test_algocline_argument_order_and_console_script() -> None:
             Completed(42)
         await c.shutdown()
     run(main())
+
+
+def test_idle_timeout_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pool_notebook.worker.server import idle_timeout_from_env
+
+    monkeypatch.delenv("POOL_WORKER_IDLE_TIMEOUT", raising=False)
+    monkeypatch.delenv("ALC_POOL_IDLE_TIMEOUT", raising=False)
+    assert idle_timeout_from_env() == 1800.0
+    monkeypatch.setenv("ALC_POOL_IDLE_TIMEOUT", "0")
+    assert idle_timeout_from_env() == 0.0  # algocline's variable, 0 disables
+    monkeypatch.setenv("POOL_WORKER_IDLE_TIMEOUT", "12.5")
+    assert idle_timeout_from_env() == 12.5  # ours wins
+    monkeypatch.setenv("POOL_WORKER_IDLE_TIMEOUT", "soon")
+    assert idle_timeout_from_env() == 0.0  # not a number: ignored (with a warning)
