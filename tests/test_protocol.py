@@ -21,13 +21,15 @@ from pool_notebook.errors import (
 )
 
 
-def test_io_free() -> None:
-    tree = ast.parse(Path(proto.__file__).read_text(encoding="utf-8"))
+@pytest.mark.parametrize("module", sorted(Path(proto.__file__).parent.glob("*.py")),
+                         ids=lambda p: p.name)
+def test_io_free(module: Path) -> None:
+    tree = ast.parse(module.read_text(encoding="utf-8"))
     imported = {alias.name.split(".")[0] for node in ast.walk(tree)
                 if isinstance(node, ast.Import) for alias in node.names}
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.level == 0}
-    assert not imported & {"asyncio", "socket", "IPython", "selectors", "os"}
+    assert not imported & {"asyncio", "socket", "IPython", "selectors", "os", "threading"}
 
 
 @pytest.mark.parametrize(

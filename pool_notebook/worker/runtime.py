@@ -9,7 +9,6 @@ text only. Methods here block; the server calls them from a worker thread.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -19,6 +18,8 @@ from importlib import resources
 from typing import Any
 
 from lupa import lua54 as _lua  # algocline embeds Lua 5.4: the same dialect
+
+from . import natives
 
 __all__ = ["LuaSession", "SessionError", "Step"]
 
@@ -115,7 +116,7 @@ class LuaSession:
         self.queries = 0
         self.usage: dict[str, int] = {}
         self._started = time.perf_counter()
-        self._kv = state
+        self.kv = state
         self._max_memory = max_memory
         self._lua = _lua.LuaRuntime(
             register_eval=False,
@@ -126,14 +127,7 @@ class LuaSession:
         )
         g = self._lua.globals()
         g.python = None
-        host = self._lua.table_from({
-            "log": self._log,
-            "json_encode": self._json_encode,
-            "json_decode": self._json_decode,
-            "state_get": self._state_get,
-            "state_set": self._state_set,
-            "read_source": _read_source,
-        })
+        host = self._lua.table_from(natives.host_functions(self))
         self._driver = self._lua.execute(_DRIVER)
         self._arrays = self._driver.arrays
         host.array = self._driver.mark_array
@@ -145,7 +139,7 @@ class LuaSession:
             package.path = extra + ";" + package.path
         prelude = resources.files(__package__).joinpath("alc.lua").read_text("utf-8")
         g.alc = self._lua.execute(prelude, host)
-        g.ctx = self._to_lua(ctx)
+        g.ctx = self.to_lua(ctx)
         self._code = code
 
     # -------------------------------------------------------------- lifecycle
@@ -207,7 +201,7 @@ class LuaSession:
             kind, payload = "error", str(exc)
         if kind == "paused":
             queries = []
-            for i, q in enumerate(self._to_py(payload) or []):
+            for i, q in enumerate(self.to_py(payload) or []):
                 query = {"id": f"q-{i}", **q}
                 queries.append(query)
                 self.pending[query["id"]] = query
@@ -217,7 +211,7 @@ class LuaSession:
             return Step("paused", queries=queries)
         if kind == "done":
             try:
-                result = self._to_py(payload)
+                result = self.to_py(payload)
             except ValueError as exc:
                 return self._finish(Step("error", error=f"cannot return this value: {exc}"))
             return self._finish(Step("done", result=result))
@@ -230,7 +224,7 @@ class LuaSession:
         self.state = "completed" if step.kind == "done" else "failed"
         return step
 
-    def _to_py(self, value: Any, depth: int = 0) -> Any:
+    def to_py(self, value: Any, depth: int = 0) -> Any:
         """Lua value -> JSON-able Python (arrays for 1..n tables and marked empties)."""
         if depth > _MAX_DEPTH:
             raise ValueError(f"nesting deeper than {_MAX_DEPTH} (a cycle?)")
@@ -246,62 +240,30 @@ class LuaSession:
             return [] if self._arrays[value] else {}
         keys = [k for k, _ in items]
         if all(type(k) is int for k in keys) and sorted(keys) == list(range(1, len(keys) + 1)):
-            return [self._to_py(v, depth + 1) for _, v in sorted(items, key=lambda kv: kv[0])]
+            return [self.to_py(v, depth + 1) for _, v in sorted(items, key=lambda kv: kv[0])]
         out = {}
         for k, v in items:
             if isinstance(k, float) and k.is_integer():
                 k = int(k)
             if not isinstance(k, (str, int)):
                 raise ValueError(f"table key of type {_lua.lua_type(k) or type(k).__name__}")
-            out[str(k)] = self._to_py(v, depth + 1)
+            out[str(k)] = self.to_py(v, depth + 1)
         return out
 
-    def _to_lua(self, value: Any) -> Any:
+    def to_lua(self, value: Any) -> Any:
         """JSON-able Python -> Lua (lists become marked arrays, null becomes nil)."""
         if isinstance(value, dict):
             table = self._lua.table()
             for k, v in value.items():
-                table[k] = self._to_lua(v)
+                table[k] = self.to_lua(v)
             return table
         if isinstance(value, list):
             table = self._lua.table()
             for i, v in enumerate(value, 1):
-                table[i] = self._to_lua(v)
+                table[i] = self.to_lua(v)
             self._arrays[table] = True
             return table
         return value
-
-    def _log(self, level: Any, message: Any = None) -> None:
-        if message is None:
-            level, message = "info", level
-        number = logging.getLevelName(str(level).upper())
-        log.log(number if isinstance(number, int) else logging.INFO, "[%s] %s",
-                self.session_id, message)
-
-    def _json_encode(self, value: Any) -> str:
-        try:
-            return json.dumps(self._to_py(value), ensure_ascii=False, allow_nan=False)
-        except ValueError as exc:
-            raise ValueError(f"alc.json_encode: {exc}") from None
-
-    def _json_decode(self, text: Any) -> Any:
-        if not isinstance(text, str):
-            raise ValueError("alc.json_decode: expected a string")
-        try:
-            return self._to_lua(json.loads(text))
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise ValueError(f"alc.json_decode: invalid JSON: {exc}") from None
-
-    def _state_get(self, key: Any, default: Any = None) -> Any:
-        return self._to_lua(self._kv[key]) if key in self._kv else default
-
-    def _state_set(self, key: Any, value: Any) -> None:
-        self._kv[key] = self._to_py(value)
-
-
-def _read_source(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
 
 
 def _deny_attributes(obj: Any, name: Any, is_setting: bool) -> Any:

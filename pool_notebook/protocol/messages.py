@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import (
+from ..errors import (
     HandshakeError,
     MalformedRequest,
     ResponseParseError,
