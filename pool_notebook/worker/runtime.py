@@ -20,6 +20,7 @@ from typing import Any
 from lupa import lua54 as _lua  # algocline embeds Lua 5.4: the same dialect
 
 from . import natives
+from .sandbox import install_sandbox
 
 __all__ = ["LuaSession", "SessionError", "Step"]
 
@@ -27,35 +28,6 @@ log = logging.getLogger("pool_notebook.worker.lua")
 
 DEFAULT_MAX_MEMORY = 256 * 1024 * 1024
 _MAX_DEPTH = 100
-
-# Runs once per runtime, before user code: strips what a sandbox must not offer
-# and installs a text-only module searcher (binary chunks can crash the VM).
-_SANDBOX = r"""
-local host = ...
-os.execute, os.exit, os.remove, os.rename, os.tmpname, os.getenv, os.setlocale =
-  nil, nil, nil, nil, nil, nil, nil
-io = nil
-package.loadlib, package.cpath = nil, ""
-string.dump = nil
-loadfile, dofile = nil, nil
-debug = { traceback = debug.traceback }
-local raw_load = load
-load = function(chunk, name, _, ...)
-  if select("#", ...) > 0 then return raw_load(chunk, name, "t", ...) end
-  return raw_load(chunk, name, "t")
-end
-package.searchers = {
-  package.searchers[1],
-  function(name)
-    local path, err = package.searchpath(name, package.path)
-    if not path then return "\n\t" .. err end
-    local source = host.read_source(path)
-    local fn, lerr = raw_load(source, "@" .. path, "t")
-    if not fn then error(lerr, 0) end
-    return fn, path
-  end,
-}
-"""
 
 # The coroutine driver: xpcall inside the coroutine keeps the full traceback.
 _DRIVER = r"""
@@ -132,7 +104,7 @@ class LuaSession:
         self._arrays = self._driver.arrays
         host.array = self._driver.mark_array
         if sandbox:
-            self._lua.execute(_SANDBOX, host)
+            install_sandbox(self._lua, host, lib_paths=lib_paths)
         package = g.package
         extra = ";".join(f"{p}/?.lua;{p}/?/init.lua" for p in lib_paths)
         if extra:
