@@ -9,6 +9,7 @@ decoder) and chained with ``from``. ``asyncio.CancelledError`` and
 
     PoolError
     ├── ConnectError                 socket connect() failed (wraps the OSError)
+    │   └── ConnectTimeout           (also TimeoutError) connect() did not complete in time
     ├── InsecureSocketError          path/directory/peer failed the security checks
     ├── HandshakeError               the handshake reply was not an acceptable handshake
     │   ├── HandshakeTimeout         (also TimeoutError) no reply within handshake_timeout
@@ -21,7 +22,8 @@ decoder) and chained with ``from``. ``asyncio.CancelledError`` and
     │   ├── ResponseParseError       not strict UTF-8 JSON of the response shape
     │   ├── ResponseTooLarge         a line longer than max_line_bytes
     │   ├── UnsolicitedResponse      a line arrived that no request asked for
-    │   └── MalformedRequest         (worker side / encoding) a request line is invalid
+    │   ├── MalformedRequest         (worker side / encoding) a request line is invalid
+    │   └── ResponseEncodeError      (worker side) a reply cannot be encoded as JSON
     ├── RequestTimeout               (also TimeoutError) no reply within the timeout
     ├── ConnectionBroken             sticky: the connection can no longer be trusted
     ├── ClientClosed                 the client was closed by its owner
@@ -37,6 +39,7 @@ from __future__ import annotations
 __all__ = [
     "ClientClosed",
     "ConnectError",
+    "ConnectTimeout",
     "ConnectionBroken",
     "ConnectionClosed",
     "ConnectionNotFound",
@@ -50,6 +53,7 @@ __all__ = [
     "RegistryCorrupted",
     "RegistryError",
     "RequestTimeout",
+    "ResponseEncodeError",
     "ResponseParseError",
     "ResponseTooLarge",
     "SpawnError",
@@ -87,6 +91,16 @@ class ConnectError(PoolError):
             f"cannot connect to worker socket {sock_path}: {reason}. "
             "Check that the worker is running (%pool_workers lists known ones) "
             "and that the path is right."
+        )
+
+
+class ConnectTimeout(ConnectError, TimeoutError):
+    """``connect()`` to the worker's socket did not complete within the timeout."""
+
+    def __init__(self, sock_path: str, timeout: float) -> None:
+        self.timeout = timeout
+        ConnectError.__init__(
+            self, sock_path, f"connect() did not complete within {timeout:g}s"
         )
 
 
@@ -189,6 +203,10 @@ class UnsolicitedResponse(ProtocolError):
 
 class MalformedRequest(ProtocolError):
     """A request could not be encoded or (worker side) decoded."""
+
+
+class ResponseEncodeError(ProtocolError):
+    """(Worker side) a reply holds something JSON cannot carry (NaN, a cycle, ...)."""
 
 
 class RequestTimeout(PoolError, TimeoutError):

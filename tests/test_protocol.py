@@ -15,8 +15,10 @@ from pool_notebook import protocol as proto
 from pool_notebook.errors import (
     HandshakeError,
     MalformedRequest,
+    ResponseEncodeError,
     ResponseParseError,
     ResponseTooLarge,
+    UnsolicitedResponse,
     VersionMismatch,
 )
 
@@ -211,7 +213,7 @@ def test_handshake_check() -> None:
     with pytest.raises(VersionMismatch) as info:
         proto.check_handshake(good, "2.0")
     assert (info.value.client, info.value.server) == ("2.0", "1.0")
-    assert "--protocol-version 1.0" in str(info.value)
+    assert "version='1.0'" in str(info.value)
     rejected = proto.decode_response(
         _line({"ok": False, "error": "version mismatch: client=0.30.0, server=0.31.0"}))
     with pytest.raises(VersionMismatch) as info:
@@ -223,3 +225,127 @@ def test_handshake_check() -> None:
     wrong_kind = proto.decode_response(_line({"ok": True, "data": {"kind": "status"}}))
     with pytest.raises(HandshakeError, match="kind='status'"):
         proto.check_handshake(wrong_kind, "1")
+
+
+# ------------------------------------------------------------ typed responses, both ways
+# The expected lines are algocline's serde output, written out by hand from its source:
+# PoolResponse/PoolResponseData (crates/algocline-app/src/pool/protocol.rs: Option -> null,
+# tag "kind", snake_case), FeedResult (crates/algocline-engine/src/session.rs: externally
+# tagged), TerminalState (crates/algocline-core/src/state.rs: "Cancelled" is a bare unit
+# variant), LlmQuery (crates/algocline-core/src/query.rs: system Option -> null, max_tokens
+# u32, grounded/underspecified skip_serializing_if false).
+ALGOCLINE_LINES = [
+    (proto.HandshakeData("0.31.0"),
+     b'{"ok":true,"data":{"kind":"handshake","version":"0.31.0"},"error":null}\n'),
+    (proto.StatusData(False),
+     b'{"ok":true,"data":{"kind":"status","has_session":false,"session_id":null},"error":null}\n'),
+    (proto.StatusData(True, "s-1"),
+     b'{"ok":true,"data":{"kind":"status","has_session":true,"session_id":"s-1"},"error":null}\n'),
+    (proto.ShutdownData(), b'{"ok":true,"data":{"kind":"shutdown"},"error":null}\n'),
+    (proto.FeedData("s-1", proto.Paused((proto.Query("q-0", "hi?", None, 1024),))),
+     b'{"ok":true,"data":{"kind":"feed","session_id":"s-1","feed_result":{"Paused":{"queries":'
+     b'[{"id":"q-0","prompt":"hi?","system":null,"max_tokens":1024}]}}},"error":null}\n'),
+    (proto.FeedData("s-1", proto.Paused((
+        proto.Query("q-0", "a", "sys", 5, grounded=True),
+        proto.Query("q-1", "b", None, 7, underspecified=True)))),
+     b'{"ok":true,"data":{"kind":"feed","session_id":"s-1","feed_result":{"Paused":{"queries":'
+     b'[{"id":"q-0","prompt":"a","system":"sys","max_tokens":5,"grounded":true},'
+     b'{"id":"q-1","prompt":"b","system":null,"max_tokens":7,"underspecified":true}]}}},'
+     b'"error":null}\n'),
+    (proto.FeedData("s-1", proto.Accepted(1)),
+     b'{"ok":true,"data":{"kind":"feed","session_id":"s-1","feed_result":'
+     b'{"Accepted":{"remaining":1}}},"error":null}\n'),
+    (proto.FeedData("s-1", proto.Finished(proto.Completed({"x": [1, None]}), {"auto": {}})),
+     b'{"ok":true,"data":{"kind":"feed","session_id":"s-1","feed_result":{"Finished":'
+     b'{"state":{"Completed":{"result":{"x":[1,null]}}},"metrics":{"auto":{}}}}},"error":null}\n'),
+    (proto.FeedData("s-1", proto.Finished(proto.Failed("boom"))),
+     b'{"ok":true,"data":{"kind":"feed","session_id":"s-1","feed_result":{"Finished":'
+     b'{"state":{"Failed":{"error":"boom"}},"metrics":{}}}},"error":null}\n'),
+    (proto.FeedData("s-1", proto.Finished(proto.Cancelled())),
+     b'{"ok":true,"data":{"kind":"feed","session_id":"s-1","feed_result":{"Finished":'
+     b'{"state":"Cancelled","metrics":{}}}},"error":null}\n'),
+]
+
+
+@pytest.mark.parametrize(("data", "line"), ALGOCLINE_LINES, ids=lambda v: type(v).__name__)
+def test_responses_encode_exactly_as_algocline_and_decode_back(
+    data: proto.ResponseData, line: bytes
+) -> None:
+    assert proto.encode_response(data) == line
+    decoded = proto.decode_response(line)
+    assert decoded.ok and decoded.error is None and decoded.data == data
+
+
+def test_extra_keys_follow_and_never_shadow_the_wire_keys() -> None:
+    data = proto.StatusData(True, "s-1", {"has_session": "no", "conversation_history": []})
+    obj = json.loads(proto.encode_response(data))["data"]
+    assert list(obj) == ["kind", "has_session", "session_id", "conversation_history"]
+    assert obj["has_session"] is True
+    query = proto.Query("q-0", "p", None, 1, extra={"id": "evil", "hint": 1})
+    assert query.to_json() == {"id": "q-0", "prompt": "p", "system": None, "max_tokens": 1,
+                               "hint": 1}
+    unknown = proto.UnknownData("fancy", {"kind": "fancy", "x": 1})
+    assert proto.decode_response(proto.encode_response(unknown)).data == unknown
+
+
+def test_error_line_and_unencodable_reply() -> None:
+    line = proto.error_response("version mismatch: client=1, server=2")
+    assert line == b'{"ok":false,"data":null,"error":"version mismatch: client=1, server=2"}\n'
+    with pytest.raises(VersionMismatch):
+        proto.check_handshake(proto.decode_response(line), "1")
+    with pytest.raises(ResponseEncodeError, match="cannot encode"):
+        proto.encode_response(proto.FeedData("s", proto.Finished(proto.Completed(float("nan")))))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=10,
+)
+queries = st.builds(proto.Query, st.text(), st.text(), st.none() | st.text(),
+                    st.integers(0, 2**32 - 1), st.booleans(), st.booleans())
+feed_results = (
+    st.builds(lambda qs: proto.Paused(tuple(qs)), st.lists(queries, max_size=3))
+    | st.builds(proto.Accepted, st.integers(0, 100))
+    | st.builds(proto.Finished,
+                st.builds(proto.Completed, json_values) | st.builds(proto.Failed, st.text())
+                | st.just(proto.Cancelled()),
+                st.dictionaries(st.text(), json_values, max_size=3))
+)
+
+
+@given(st.text(), feed_results)
+def test_any_feed_round_trips(session_id: str, result: proto.FeedResult) -> None:
+    data = proto.FeedData(session_id, result)
+    assert proto.decode_response(proto.encode_response(data)).data == data
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": -1}, {"prompt_tokens": 2**53 + 1}, {"prompt_tokens": 1.5},
+    {"prompt_tokens": True}, {"prompt_tokens": "3"}, [1],
+])
+def test_usage_is_validated_both_ways(usage: object) -> None:
+    with pytest.raises(MalformedRequest, match="usage"):
+        proto.Continue("s", "r", None, usage)  # type: ignore[arg-type]
+    line = _line({"op": "continue", "sid": "s", "response": "r", "query_id": None,
+                  "usage": usage})
+    with pytest.raises(MalformedRequest, match="usage"):
+        proto.decode_request(line)
+
+
+def test_usage_at_the_bounds_is_fine() -> None:
+    usage = {"prompt_tokens": 0, "completion_tokens": 2**53, "other": None}
+    req = proto.Continue("s", "r", "q-0", usage)
+    assert proto.decode_request(proto.encode_request(req)) == req
+
+
+def test_include_history_must_be_a_boolean() -> None:
+    with pytest.raises(MalformedRequest, match="include_history"):
+        proto.decode_request(b'{"op":"status","include_history":"no"}\n')
+
+
+def test_line_buffer_raises_the_error_its_owner_chose() -> None:
+    buf = proto.LineBuffer(max_line_bytes=4, too_long=lambda limit, head: UnsolicitedResponse(head))
+    buf.feed(b"abcdef")
+    with pytest.raises(UnsolicitedResponse):
+        buf.next_line()

@@ -1,16 +1,23 @@
 """The pool-worker wire protocol, sans I/O: bytes in, typed events out.
 
-``messages`` holds the typed requests and responses and their strict JSON
-line codec; the connection state machines for each role live beside it.
-Nothing in this package touches a socket, an event loop or IPython.
+``framing`` turns bytes into bounded lines and strict JSON; ``messages`` holds
+the typed requests and responses both ends encode and decode; the connection
+state machines for each role live beside them. Nothing in this package touches
+a socket, an event loop or IPython.
 """
 
 from __future__ import annotations
 
-from .messages import (
+from .framing import (
     DEFAULT_MAX_LINE_BYTES,
     MAX_DEPTH,
     MAX_INT_DIGITS,
+    LineBuffer,
+    dumps_line,
+    loads_strict,
+)
+from .messages import (
+    MAX_USAGE_TOKENS,
     Accepted,
     Cancelled,
     Completed,
@@ -21,7 +28,7 @@ from .messages import (
     Finished,
     Handshake,
     HandshakeData,
-    LineBuffer,
+    Outcome,
     Paused,
     Query,
     RawRequest,
@@ -40,7 +47,6 @@ from .messages import (
     encode_request,
     encode_response,
     error_response,
-    loads_strict,
     version_mismatch_message,
 )
 
@@ -48,6 +54,7 @@ __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
     "MAX_DEPTH",
     "MAX_INT_DIGITS",
+    "MAX_USAGE_TOKENS",
     "Accepted",
     "Cancelled",
     "Completed",
@@ -59,6 +66,7 @@ __all__ = [
     "Handshake",
     "HandshakeData",
     "LineBuffer",
+    "Outcome",
     "Paused",
     "Query",
     "RawRequest",
@@ -74,6 +82,7 @@ __all__ = [
     "check_handshake",
     "decode_request",
     "decode_response",
+    "dumps_line",
     "encode_request",
     "encode_response",
     "error_response",

@@ -1,33 +1,37 @@
-"""The pool-worker wire protocol, sans I/O: bytes in, typed events out.
+"""The pool-worker messages, sans I/O: typed requests and responses, both ways.
 
-Both sides use it: the client encodes requests and decodes responses, the
-bundled worker decodes requests and encodes responses. Nothing here touches a
-socket, an event loop or IPython (the h11/websockets style), so every rule of
-the protocol is testable with plain bytes.
+Both ends use the same classes: the client encodes requests and decodes
+responses, the bundled worker decodes requests and encodes responses with
+:func:`encode_response`, so the two cannot drift. The shapes are algocline's
+(``crates/algocline-app/src/pool/protocol.rs``, ``algocline-engine``'s
+``FeedResult``, ``algocline-core``'s ``LlmQuery``/``TerminalState``, all serde):
+an ``Option`` is sent as ``null``, never left out, unless serde skips it
+(``grounded``/``underspecified`` appear only when true).
 
-Wire facts (see the project's protocol reference): one UTF-8 JSON object per
-``\\n``-terminated line; strictly one request then one response; responses are
-``{"ok": bool, "data": {"kind": ...} | null, "error": str | null}``.
+Wire facts: one UTF-8 JSON object per ``\\n``-terminated line (framing and
+strict JSON live in :mod:`.framing`); strictly one request then one response;
+responses are ``{"ok": bool, "data": {"kind": ...} | null, "error": str | null}``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import (
     HandshakeError,
     MalformedRequest,
+    ResponseEncodeError,
     ResponseParseError,
-    ResponseTooLarge,
     VersionMismatch,
 )
+from .framing import dumps_line, loads_strict
 
 __all__ = [
-    "DEFAULT_MAX_LINE_BYTES",
+    "MAX_USAGE_TOKENS",
     "Accepted",
     "Cancelled",
     "Completed",
@@ -38,12 +42,13 @@ __all__ = [
     "Finished",
     "Handshake",
     "HandshakeData",
-    "LineBuffer",
+    "Outcome",
     "Paused",
     "Query",
     "RawRequest",
     "Request",
     "Response",
+    "ResponseData",
     "Run",
     "Shutdown",
     "ShutdownData",
@@ -53,91 +58,15 @@ __all__ = [
     "check_handshake",
     "decode_request",
     "decode_response",
+    "encode_request",
     "encode_response",
     "error_response",
-    "loads_strict",
+    "version_mismatch_message",
 ]
 
-#: Default bound on one line (request or response), newline included.
-DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
-#: Deepest JSON nesting accepted; deeper is a parse error, not a RecursionError.
-MAX_DEPTH = 128
-#: Longest integer literal accepted (digits); longer is a parse error.
-MAX_INT_DIGITS = 64
-
-_UTF8_BOM = b"\xef\xbb\xbf"
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _VERSION_MISMATCH = re.compile(r"version mismatch: client=(\S+?),\s*server=(\S+)")
-
-
-# --------------------------------------------------------------------------- JSON
-
-
-class _JSONRejected(ValueError):
-    """Internal: a JSON value the protocol refuses (NaN, huge int, depth, surrogate)."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise _JSONRejected(f"{name} is not valid JSON")
-
-
-def _parse_int(text: str) -> int:
-    if len(text) > MAX_INT_DIGITS:
-        raise _JSONRejected(f"integer with {len(text)} digits exceeds {MAX_INT_DIGITS}")
-    return int(text)
-
-
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_int=_parse_int)
-
-
-def _validate(value: Any, depth: int = 0) -> None:
-    """Reject nesting deeper than MAX_DEPTH and lone surrogates in strings."""
-    if depth > MAX_DEPTH:
-        raise _JSONRejected(f"nesting deeper than {MAX_DEPTH}")
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _JSONRejected("string contains a lone surrogate escape") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _validate(key, depth + 1)
-            _validate(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _validate(item, depth + 1)
-
-
-def loads_strict(line: bytes) -> Any:
-    """Decode one line as strict UTF-8 JSON, or raise ``ValueError`` saying why.
-
-    Refused: a BOM, invalid UTF-8 (surrogates included), NaN/Infinity, integers
-    over MAX_INT_DIGITS digits, nesting over MAX_DEPTH, lone ``\\uD8xx`` escapes,
-    trailing data. The cheap prefilters keep the common case at ``json.loads`` speed.
-    """
-    if line.startswith(_UTF8_BOM):
-        raise ValueError("line starts with a UTF-8 byte order mark")
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"invalid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    try:
-        value = _DECODER.decode(text)
-    except RecursionError as exc:
-        raise ValueError(f"nesting deeper than {MAX_DEPTH}") from exc
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
-    if line.count(b"[") + line.count(b"{") > MAX_DEPTH or _SURROGATE_ESCAPE.search(line):
-        _validate(value)
-    return value
-
-
-def _dumps(obj: Any) -> bytes:
-    try:
-        text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        return text.encode("utf-8") + b"\n"
-    except (TypeError, ValueError, UnicodeEncodeError, RecursionError) as exc:
-        raise MalformedRequest(f"cannot encode as a JSON line: {exc}") from exc
+#: Largest token count accepted in ``usage`` (the JSON-safe integer range).
+MAX_USAGE_TOKENS = 2**53
 
 
 # ----------------------------------------------------------------------- requests
@@ -176,6 +105,10 @@ class Continue:
     query_id: str | None = None
     usage: Mapping[str, Any] | None = None
     op = "continue"
+
+    def __post_init__(self) -> None:
+        if self.usage is not None:
+            _check_usage(self.usage)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -227,6 +160,19 @@ class RawRequest:
 
 Request = Handshake | Run | Continue | Status | Shutdown | RawRequest
 
+
+def _check_usage(usage: Any) -> None:
+    """Token counts are non-negative integers a JSON double can hold (or null)."""
+    if not isinstance(usage, Mapping):
+        raise MalformedRequest("'usage' must be an object or null")
+    for key, value in usage.items():
+        if value is None:
+            continue
+        if type(value) is not int or not 0 <= value <= MAX_USAGE_TOKENS:
+            raise MalformedRequest(
+                f"'usage.{key}' must be an integer in 0..2**53 or null, got {value!r}"
+            )
+
 _STATUS_LINE = b'{"op":"status"}\n'
 
 
@@ -234,7 +180,7 @@ def encode_request(request: Request) -> bytes:
     """One ``\\n``-terminated UTF-8 JSON line for ``request``."""
     if type(request) is Status and not request.include_history:
         return _STATUS_LINE
-    return _dumps(request.to_json())
+    return dumps_line(request.to_json(), MalformedRequest)
 
 
 def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
@@ -269,13 +215,14 @@ def decode_request(line: bytes) -> Request:
         return Run(_req_str(obj, "code"), obj.get("ctx"), tuple(paths))
     if op == "continue":
         usage = obj.get("usage")
-        if usage is not None and not isinstance(usage, dict):
-            raise MalformedRequest("'usage' must be an object or null")
         return Continue(
             _req_str(obj, "sid"), _req_str(obj, "response"), _opt_str(obj, "query_id"), usage
         )
     if op == "status":
-        return Status(bool(obj.get("include_history", False)))
+        history = obj.get("include_history", False)
+        if not isinstance(history, bool):
+            raise MalformedRequest("'include_history' must be a boolean")
+        return Status(history)
     if op == "shutdown":
         return Shutdown()
     raise MalformedRequest(f"unknown op {op!r}" if op is not None else "missing 'op'")
@@ -284,9 +231,16 @@ def decode_request(line: bytes) -> Request:
 # ---------------------------------------------------------------------- responses
 
 
+def _with_extra(known: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``known`` keys first (in algocline's order), then extras that do not shadow them."""
+    for key, value in extra.items():
+        known.setdefault(key, value)
+    return known
+
+
 @dataclass(frozen=True, slots=True)
 class Query:
-    """One pending LLM query of a paused session."""
+    """One pending LLM query of a paused session (algocline's ``LlmQuery``)."""
 
     id: str
     prompt: str
@@ -296,6 +250,20 @@ class Query:
     underspecified: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    def to_json(self) -> dict[str, Any]:
+        """``system`` is always present (``null`` when none); the flags only when true."""
+        obj: dict[str, Any] = {
+            "id": self.id,
+            "prompt": self.prompt,
+            "system": self.system,
+            "max_tokens": self.max_tokens,
+        }
+        if self.grounded:
+            obj["grounded"] = True
+        if self.underspecified:
+            obj["underspecified"] = True
+        return _with_extra(obj, self.extra)
+
 
 @dataclass(frozen=True, slots=True)
 class Paused:
@@ -303,6 +271,9 @@ class Paused:
 
     queries: tuple[Query, ...]
     state = "paused"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"Paused": {"queries": [q.to_json() for q in self.queries]}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +283,9 @@ class Accepted:
     remaining: int
     state = "accepted"
 
+    def to_json(self) -> dict[str, Any]:
+        return {"Accepted": {"remaining": self.remaining}}
+
 
 @dataclass(frozen=True, slots=True)
 class Completed:
@@ -319,6 +293,9 @@ class Completed:
 
     result: Any
     state = "completed"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"Completed": {"result": self.result}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +305,9 @@ class Failed:
     error: str
     state = "failed"
 
+    def to_json(self) -> dict[str, Any]:
+        return {"Failed": {"error": self.error}}
+
 
 @dataclass(frozen=True, slots=True)
 class Cancelled:
@@ -335,17 +315,26 @@ class Cancelled:
 
     state = "cancelled"
 
+    def to_json(self) -> str:
+        return "Cancelled"  # a serde unit variant is its bare name
+
+
+Outcome = Completed | Failed | Cancelled
+
 
 @dataclass(frozen=True, slots=True)
 class Finished:
     """The session ended; ``outcome`` says how, ``metrics`` as the worker reported."""
 
-    outcome: Completed | Failed | Cancelled
+    outcome: Outcome
     metrics: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def state(self) -> str:
         return self.outcome.state
+
+    def to_json(self) -> dict[str, Any]:
+        return {"Finished": {"state": self.outcome.to_json(), "metrics": dict(self.metrics)}}
 
 
 FeedResult = Paused | Accepted | Finished
@@ -353,31 +342,57 @@ FeedResult = Paused | Accepted | Finished
 
 @dataclass(frozen=True, slots=True)
 class HandshakeData:
+    """The worker's answer to a handshake: its protocol version."""
+
     version: str
     extra: Mapping[str, Any] = field(default_factory=dict)
     kind = "handshake"
 
+    def to_json(self) -> dict[str, Any]:
+        return _with_extra({"kind": "handshake", "version": self.version}, self.extra)
+
 
 @dataclass(frozen=True, slots=True)
 class FeedData:
+    """The answer to ``run`` and ``continue``: the session and how far it got."""
+
     session_id: str
     feed_result: FeedResult
     extra: Mapping[str, Any] = field(default_factory=dict)
     kind = "feed"
 
+    def to_json(self) -> dict[str, Any]:
+        known = {
+            "kind": "feed",
+            "session_id": self.session_id,
+            "feed_result": self.feed_result.to_json(),
+        }
+        return _with_extra(known, self.extra)
+
 
 @dataclass(frozen=True, slots=True)
 class StatusData:
+    """The answer to ``status``; ``session_id`` is ``null`` without a session."""
+
     has_session: bool
     session_id: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     kind = "status"
 
+    def to_json(self) -> dict[str, Any]:
+        known = {"kind": "status", "has_session": self.has_session, "session_id": self.session_id}
+        return _with_extra(known, self.extra)
+
 
 @dataclass(frozen=True, slots=True)
 class ShutdownData:
+    """The answer to ``shutdown`` (the worker exits after sending it)."""
+
     extra: Mapping[str, Any] = field(default_factory=dict)
     kind = "shutdown"
+
+    def to_json(self) -> dict[str, Any]:
+        return _with_extra({"kind": "shutdown"}, self.extra)
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +401,9 @@ class UnknownData:
 
     kind: str
     raw: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.raw)
 
 
 ResponseData = HandshakeData | FeedData | StatusData | ShutdownData | UnknownData
@@ -451,7 +469,7 @@ def _feed_result(obj: Any) -> FeedResult:
             raise ValueError("Finished must be an object")
         metrics = body.get("metrics") or {}
         state = body.get("state")
-        outcome: Completed | Failed | Cancelled
+        outcome: Outcome
         if state == "Cancelled":
             outcome = Cancelled()
         elif isinstance(state, dict) and "Completed" in state:
@@ -520,14 +538,21 @@ def decode_response(line: bytes, request_size: int = 0) -> Response:
     return Response(ok, data, error, obj, len(line), request_size)
 
 
-def encode_response(data: Mapping[str, Any]) -> bytes:
-    """Worker side: an ``ok:true`` line carrying ``data`` (which has its ``kind``)."""
-    return _dumps({"ok": True, "data": dict(data), "error": None})
+def encode_response(data: ResponseData | Mapping[str, Any]) -> bytes:
+    """Worker side: the ``ok:true`` line carrying ``data``.
+
+    (A plain mapping is accepted only while the worker moves to the typed
+    classes; it goes out as is.) Raises ``ResponseEncodeError`` when ``data``
+    holds something JSON cannot carry (NaN, a non-string key, a cycle);
+    algocline answers that case with ``ok:false`` "result serialize failed: ...".
+    """
+    body = dict(data) if isinstance(data, Mapping) else data.to_json()
+    return dumps_line({"ok": True, "data": body, "error": None}, ResponseEncodeError)
 
 
 def error_response(message: str) -> bytes:
-    """Worker side: an ``ok:false`` line with ``message``."""
-    return _dumps({"ok": False, "data": None, "error": message})
+    """Worker side: the ``ok:false`` line carrying ``message``."""
+    return dumps_line({"ok": False, "data": None, "error": message}, ResponseEncodeError)
 
 
 def version_mismatch_message(client: str, server: str) -> str:
@@ -551,56 +576,3 @@ def check_handshake(response: Response, expected: str) -> HandshakeData:
     if response.data.version != expected:
         raise VersionMismatch(client=expected, server=response.data.version)
     return response.data
-
-
-# ---------------------------------------------------------------------- framing
-
-
-class LineBuffer:
-    """Bounded framing: feed bytes, take complete ``\\n``-terminated lines.
-
-    A line longer than ``max_line_bytes`` raises ``ResponseTooLarge`` instead of
-    growing without bound; bytes after the last newline stay buffered (they are
-    never a message until their newline arrives).
-    """
-
-    __slots__ = ("_buf", "_scan_from", "max_line_bytes")
-
-    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
-        if max_line_bytes < 2:
-            raise ValueError("max_line_bytes must be at least 2")
-        self.max_line_bytes = max_line_bytes
-        self._buf = bytearray()
-        self._scan_from = 0
-
-    def __len__(self) -> int:
-        return len(self._buf)
-
-    @property
-    def pending(self) -> bytes:
-        """Buffered bytes not yet part of a complete line."""
-        return bytes(self._buf)
-
-    def feed(self, data: bytes) -> None:
-        """Append received bytes (no parsing happens here)."""
-        self._buf += data
-
-    def next_line(self) -> bytes | None:
-        """The next complete line including its ``\\n``, or None if none is complete."""
-        end = self._buf.find(b"\n", self._scan_from)
-        if end < 0:
-            self._scan_from = len(self._buf)
-            if self._scan_from > self.max_line_bytes:
-                raise ResponseTooLarge(self.max_line_bytes, bytes(self._buf[:256]))
-            return None
-        if end + 1 > self.max_line_bytes:
-            raise ResponseTooLarge(self.max_line_bytes, bytes(self._buf[:256]))
-        line = bytes(self._buf[: end + 1])
-        del self._buf[: end + 1]
-        self._scan_from = 0
-        return line
-
-    def lines(self) -> Iterator[bytes]:
-        """All complete lines currently buffered."""
-        while (line := self.next_line()) is not None:
-            yield line
