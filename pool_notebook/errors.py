@@ -21,6 +21,7 @@ decoder) and chained with ``from``. ``asyncio.CancelledError`` and
     ├── ProtocolError                bytes arrived but are not a valid message
     │   ├── ResponseParseError       not strict UTF-8 JSON of the response shape
     │   ├── ResponseTooLarge         a line longer than max_line_bytes
+    │   ├── RequestTooLarge          (worker side) a request line longer than max_line_bytes
     │   ├── UnsolicitedResponse      a line arrived that no request asked for
     │   ├── MalformedRequest         (worker side / encoding) a request line is invalid
     │   └── ResponseEncodeError      (worker side) a reply cannot be encoded as JSON
@@ -53,6 +54,7 @@ __all__ = [
     "RegistryCorrupted",
     "RegistryError",
     "RequestTimeout",
+    "RequestTooLarge",
     "ResponseEncodeError",
     "ResponseParseError",
     "ResponseTooLarge",
@@ -190,6 +192,18 @@ class ResponseTooLarge(ProtocolError):
         super().__init__(
             f"response line longer than max_line_bytes={limit}; "
             "raise max_line_bytes if the worker legitimately sends that much"
+        )
+
+
+class RequestTooLarge(ProtocolError):
+    """(Worker side) a request line exceeded the worker's ``max_line_bytes``."""
+
+    def __init__(self, limit: int, data: bytes = b"") -> None:
+        self.limit = limit
+        self.data = snippet(data)
+        super().__init__(
+            f"request line longer than {limit} bytes; send less code or a smaller ctx "
+            "(the worker closes the connection)"
         )
 
 
