@@ -1,29 +1,56 @@
-"""How replies, connections and paused sessions look: static HTML/text and ipywidgets.
+"""What notebook users see: replies, connections, sessions, Lua errors and the history plot.
 
-Static renderings (``*_html``) need nothing but the standard library, so saved
-notebooks read well on GitHub/nbviewer and terminal IPython gets text. Widgets
-are built lazily (ipywidgets is imported on first use) and only ever touched on
-the kernel thread: a Send click schedules ``continue`` as a task on the kernel's
-loop, and the task's callback updates the widget there.
+Pure rendering, no I/O: every function here takes library objects and returns
+HTML, text or a matplotlib figure. The one interactive piece, :class:`SessionView`,
+renders a :class:`~pool_notebook.session.Session` as ipywidgets and acts only by
+calling the session (a Send click schedules ``session.answer(...)``); the
+session's observer callback re-renders it on the kernel thread. The library
+never imports this module: the magics register these renderings as IPython
+formatters (:func:`register_formatters`).
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as proto
 
 if TYPE_CHECKING:
-    from .connections import Connection, Reply
+    import asyncio
 
-__all__ = ["PausedSessionView", "connection_html", "reply_html", "widgets_enabled"]
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from .connections import Connection, Reply
+    from .session import Session
+
+__all__ = [
+    "LuaError",
+    "SessionView",
+    "connection_html",
+    "history_figure",
+    "parse_lua_error",
+    "register_formatters",
+    "reply_html",
+    "reply_text",
+    "session_html",
+    "session_text",
+    "widgets_enabled",
+]
 
 _FOLD = 300
-_COLORS = {"ok": "#1a7f37", "worker_error": "#bf8700", "client_error": "#cf222e",
-           "timeout": "#cf222e", "cancelled": "#6e7781", "late_reply": "#6e7781"}
+_RED, _GREEN, _AMBER, _GREY = "#cf222e", "#1a7f37", "#9a6700", "#6e7781"
+#: Colour of each state word a reply or session can lead with.
+_COLORS = {"ok": _GREEN, "completed": _GREEN, "paused": _AMBER, "accepted": _AMBER,
+           "running": _GREY, "worker_error": _RED, "client_error": _RED, "timeout": _RED,
+           "failed": _RED, "cancelled": _GREY, "late_reply": _GREY}
 
 
 def widgets_enabled(setting: bool | None = None) -> bool:
@@ -33,16 +60,22 @@ def widgets_enabled(setting: bool | None = None) -> bool:
     return os.environ.get("POOL_NOTEBOOK_WIDGETS", "1").lower() not in ("0", "false", "off")
 
 
+def _badge(word: str) -> str:
+    color = _COLORS.get(word, _GREY)
+    return (f"<span class='pool-feed pool-state-{html.escape(word)}' "
+            f"style='color:{color};font-weight:bold'>{html.escape(word)}</span>")
+
+
 def _tree(value: Any, depth: int = 0) -> str:
     """A JSON value as nested collapsible <details> (long strings folded)."""
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         if not value:
             return "<code>{}</code>"
         items = "".join(f"<li><b>{html.escape(str(k))}</b>: {_tree(v, depth + 1)}</li>"
                         for k, v in value.items())
         return (f"<details{' open' if depth < 2 else ''}><summary>{{{len(value)}}}</summary>"
                 f"<ul style='margin:0;padding-left:1.2em;list-style:none'>{items}</ul></details>")
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         if not value:
             return "<code>[]</code>"
         items = "".join(f"<li>{_tree(v, depth + 1)}</li>" for v in value)
@@ -52,76 +85,331 @@ def _tree(value: Any, depth: int = 0) -> str:
         return (f"<details><summary><code>{html.escape(json.dumps(value[:80]))}…</code> "
                 f"({len(value)} chars)</summary><pre style='white-space:pre-wrap'>"
                 f"{html.escape(value)}</pre></details>")
-    return f"<code>{html.escape(json.dumps(value, ensure_ascii=False))}</code>"
+    return f"<code>{html.escape(json.dumps(value, ensure_ascii=False, default=str))}</code>"
 
 
-def reply_html(reply: Reply) -> str:
-    color = _COLORS.get(reply.outcome, "#6e7781")
-    head = (f"<div class='pool-reply'><b>{html.escape(reply.connection)}</b> · "
-            f"<code>{html.escape(reply.op)}</code> · "
-            f"<span class='pool-outcome' style='color:{color};font-weight:bold'>"
-            f"{reply.outcome}</span> · {reply.latency_ms:.3f} ms · #{reply.seq}")
+# ------------------------------------------------------------------ Lua errors
+
+_TRACEBACK = "\nstack traceback:\n"
+#: ``chunk:line:`` at the start of a message or frame; chunk is a name or ``[string "..."]``.
+_LOCATION = re.compile(r'(?P<chunk>\[string "[^"\n]*"\]|[^\s:\[\]]+):(?P<line>\d+):\s?')
+#: ``<chunk:line>`` inside a frame (``in function <run:1>``).
+_FUNC_AT = re.compile(r'<(?P<chunk>\[string "[^"\n]*"\]|[^\s:<>]+):(?P<line>\d+)>')
+
+
+def _internal(chunk: str) -> bool:
+    """The runtime's own chunks: C functions and ``[string "<...>"]`` glue code."""
+    return chunk in ("[C]", "?") or chunk.startswith(('[string "<', "=", "[string \"="))
+
+
+@dataclass(frozen=True)
+class LuaFrame:
+    """One frame of a Lua traceback the user can act on."""
+
+    text: str  # "in main chunk", "in local 'f'", ... (locations already mapped)
+    line: int | None  # line in the user's code (cell numbering), if the frame is there
+    source: str | None  # that line of the code, if known
+
+
+@dataclass(frozen=True)
+class LuaError:
+    """A Lua error as a person reads it: message, where, the line, the user's frames."""
+
+    message: str
+    line: int | None
+    source: str | None
+    frames: tuple[LuaFrame, ...]
+    raw: str
+
+    def text(self) -> str:
+        """Plain lines: message, ``line N: code``, then the user's frames."""
+        out = [self.message]
+        if self.line is not None:
+            out.append(f"  line {self.line}: {self.source.strip()}" if self.source
+                       else f"  at line {self.line}")
+        if self.frames:
+            out.append("traceback (most recent call first):")
+            for f in self.frames:
+                out.append(f"  {'line ' + str(f.line) + ': ' if f.line is not None else ''}"
+                           f"{f.text}")
+                if f.source:
+                    out.append(f"      {f.source.strip()}")
+        return "\n".join(out)
+
+    def html(self) -> str:
+        """The same as :meth:`text`, as a red-led block (the raw error kept folded)."""
+        where = ""
+        if self.line is not None:
+            code = (f" <code class='pool-error-source'>{html.escape(self.source.strip())}</code>"
+                    if self.source else "")
+            where = f"<div class='pool-error-line'>line {self.line}:{code}</div>"
+        frames = ""
+        if self.frames:
+            rows = "".join(
+                f"<li>{'line ' + str(f.line) + ': ' if f.line is not None else ''}"
+                f"{html.escape(f.text)}"
+                + (f"<br><code>{html.escape(f.source.strip())}</code>" if f.source else "")
+                + "</li>" for f in self.frames)
+            frames = (f"<div style='color:{_GREY}'>traceback (most recent call first):</div>"
+                      f"<ul class='pool-traceback' style='margin:0'>{rows}</ul>")
+        raw = (f"<details><summary>raw error</summary><pre style='white-space:pre-wrap'>"
+               f"{html.escape(self.raw)}</pre></details>")
+        return (f"<div class='pool-lua-error'><div class='pool-error-message' "
+                f"style='color:{_RED};font-weight:bold;white-space:pre-wrap'>"
+                f"{html.escape(self.message)}</div>{where}{frames}{raw}</div>")
+
+
+def _user_chunk(message: str, frames: Sequence[str]) -> str | None:
+    """The name the worker gave the user's code: the main chunk's, else the first non-internal."""
+    for frame in frames:
+        m = _LOCATION.match(frame)
+        if m and frame[m.end():].startswith("in main chunk") and not _internal(m["chunk"]):
+            return m["chunk"]
+    for text in (message, *frames):
+        m = _LOCATION.search(text)
+        if m and not _internal(m["chunk"]):
+            return m["chunk"]
+    return None
+
+
+def parse_lua_error(error: str, code: str | None = None, *, first_line: int = 1) -> LuaError:
+    """Split a worker's Lua error into message, offending line and the user's frames.
+
+    ``first_line`` is the number the code's first line has where the user reads
+    it (2 in a ``%%pool_run`` cell: line 1 is the magic). The runtime's own
+    frames (``[C]``, ``[string "<...>"]`` glue, tail calls) are dropped.
+    """
+    message, _, tb = error.partition(_TRACEBACK)
+    raw_frames = [f.strip() for f in tb.splitlines() if f.strip()]
+    chunk = _user_chunk(message, raw_frames)
+    lines = code.splitlines() if code is not None else []
+
+    def mapped(n: int) -> tuple[int, str | None]:
+        source = lines[n - 1] if 0 < n <= len(lines) else None
+        return n + first_line - 1, source
+
+    line = source = None
+    m = next((m for m in _LOCATION.finditer(message) if m["chunk"] == chunk), None)
+    if m is not None:
+        line, source = mapped(int(m["line"]))
+        message = message[:m.start()] + message[m.end():]
+    frames: list[LuaFrame] = []
+    for raw in raw_frames:
+        fm = _LOCATION.match(raw)
+        if fm is None or fm["chunk"] != chunk:
+            continue  # [C], glue chunks, (...tail calls...), other files' frames
+        n, src = mapped(int(fm["line"]))
+        text = _FUNC_AT.sub(lambda f: f"<line {mapped(int(f['line']))[0]}>"
+                            if f["chunk"] == chunk else f[0], raw[fm.end():])
+        frames.append(LuaFrame(text, n, src))
+    if len(frames) == 1 and frames[0].line == line:
+        frames = []  # one frame at the error's own line says nothing more
+    return LuaError(message.strip(), line, source, tuple(frames), error)
+
+
+# --------------------------------------------------------------------- replies
+
+def _state_word(reply: Reply) -> str:
+    """What a reply leads with: the Lua outcome when there is one, else the request outcome."""
     feed = reply.feed
-    state = f" · <span class='pool-feed'>{feed.state}</span>" if feed is not None else ""
-    if isinstance(feed, proto.Finished):  # what the user wants to see: the result or error
+    if isinstance(feed, proto.Finished):
+        return feed.state
+    if isinstance(feed, (proto.Paused, proto.Accepted)) and reply.ok:
+        return feed.state
+    return str(reply.outcome)
+
+
+def _code_of(reply: Reply) -> str | None:
+    return reply.request.code if isinstance(reply.request, proto.Run) else None
+
+
+def _history_html(entries: Sequence[Any]) -> str:
+    """algocline's ``conversation_history``: prompt and response of each LLM query."""
+    def cell(value: Any) -> str:
+        return f"<td style='white-space:pre-wrap'>{html.escape(str(value)[:500])}</td>"
+
+    rows = "".join(
+        f"<tr><td><code>{html.escape(str(e.get('query_id', '')))}</code></td>"
+        f"{cell(e.get('prompt', ''))}"
+        f"{cell(e['response'] if e.get('response') is not None else '(pending)')}</tr>"
+        for e in entries if isinstance(e, Mapping))
+    return (f"<details class='pool-conversation' open><summary>conversation history "
+            f"({len(entries)})</summary><table><tr><th>query</th><th>prompt</th>"
+            f"<th>response</th></tr>{rows}</table></details>")
+
+
+def _conversation(*sources: Any) -> list[Any] | None:
+    for source in sources:
+        if isinstance(source, Mapping):
+            found = source.get("conversation_history")
+            if isinstance(found, list):
+                return found
+    return None
+
+
+def _body_html(reply: Reply, *, code: str | None, first_line: int) -> str:
+    feed = reply.feed
+    if isinstance(feed, proto.Finished):
         outcome = feed.outcome
-        shown = (outcome.result if isinstance(outcome, proto.Completed) else
-                 outcome.error if isinstance(outcome, proto.Failed) else None)
-        body = (f"<div class='pool-result'>{_tree(shown)}</div>"
-                f"<details><summary>metrics</summary>{_tree(dict(feed.metrics))}</details>")
-    else:
-        body = f"<div>{_tree(reply.payload)}</div>"
-    return f"{head}{state}{body}</div>"
+        if isinstance(outcome, proto.Failed):
+            body = parse_lua_error(outcome.error, code, first_line=first_line).html()
+        elif isinstance(outcome, proto.Completed):
+            body = f"<div class='pool-result'>{_tree(outcome.result)}</div>"
+        else:
+            body = ""
+        return body + f"<details><summary>metrics</summary>{_tree(dict(feed.metrics))}</details>"
+    if not reply.ok:
+        return (f"<div class='pool-error-message' style='color:{_RED};white-space:pre-wrap'>"
+                f"{html.escape(str(reply.payload))}</div>")
+    data = reply.response.data if reply.response is not None else None
+    history = _conversation(getattr(data, "extra", None))
+    shown = _tree(reply.payload)
+    return f"<div>{shown}</div>" + (_history_html(history) if history else "")
+
+
+def reply_html(reply: Reply, *, first_line: int = 1) -> str:
+    """One reply: connection, op, state word (red when anything failed), latency, body."""
+    head = (f"<div class='pool-reply'><b>{html.escape(reply.connection)}</b> · "
+            f"<code>{html.escape(reply.op)}</code> · {_badge(_state_word(reply))} · "
+            f"{reply.latency_ms:.3f} ms · #{reply.seq}")
+    return head + _body_html(reply, code=_code_of(reply), first_line=first_line) + "</div>"
+
+
+def reply_text(reply: Reply, *, first_line: int = 1) -> str:
+    """The reply as plain text (terminal IPython): state first, then result or error."""
+    head = (f"{reply.connection}:{reply.op} {_state_word(reply)} "
+            f"({reply.latency_ms:.3f} ms, #{reply.seq})")
+    feed = reply.feed
+    if isinstance(feed, proto.Finished):
+        if isinstance(feed.outcome, proto.Failed):
+            return head + "\n" + parse_lua_error(feed.outcome.error, _code_of(reply),
+                                                 first_line=first_line).text()
+        if isinstance(feed.outcome, proto.Completed):
+            return head + "\n" + json.dumps(feed.outcome.result, ensure_ascii=False,
+                                            default=str)
+        return head
+    return head + "\n" + (json.dumps(reply.payload, ensure_ascii=False, default=str)
+                          if reply.ok else str(reply.payload))
 
 
 def connection_html(conn: Connection) -> str:
+    """The connection as a small table (name, socket, worker version, pid, sid, state)."""
     rows = (("name", conn.name), ("socket", conn.sock_path),
             ("worker version", conn.version), ("pid", conn.pid),
-            ("worker sid", conn.worker_sid), ("status", conn.state))
+            ("worker sid", conn.worker_sid), ("status", str(conn.state)))
     body = "".join(f"<tr><th style='text-align:left'>{k}</th>"
                    f"<td class='pool-{k.replace(' ', '-')}'>{html.escape(str(v))}</td></tr>"
                    for k, v in rows)
     return f"<table class='pool-connection'>{body}</table>"
 
 
+# -------------------------------------------------------------------- sessions
+
 def _query_html(q: proto.Query) -> str:
-    flags = " ".join(f"<span style='color:#bf8700'>[{f}]</span>"
+    flags = " ".join(f"<span style='color:{_AMBER}'>[{f}]</span>"
                      for f in ("grounded", "underspecified") if getattr(q, f))
-    system = (f"<div><i>system:</i> {html.escape(q.system)}</div>" if q.system else "")
+    system = f"<div><i>system:</i> {html.escape(q.system)}</div>" if q.system else ""
     return (f"<div class='pool-query'><b>{html.escape(q.id)}</b> {flags} "
             f"<small>max_tokens={q.max_tokens}</small>{system}"
             f"<pre class='pool-prompt' style='white-space:pre-wrap;margin:2px 0'>"
             f"{html.escape(q.prompt)}</pre></div>")
 
 
-def transcript_html(steps: list[Reply]) -> str:
+def _transcript(steps: Iterable[Reply]) -> list[str]:
+    """One line per step: what was asked, answered, and how it ended."""
     lines = []
     for r in steps:
         if isinstance(r.request, proto.Continue):
-            lines.append(f"<li>answered {html.escape(r.request.query_id or 'q-0')}: "
-                         f"{html.escape(r.request.response[:200])}</li>")
+            lines.append(f"answered {r.request.query_id or 'q-0'}: {r.request.response[:200]}")
         feed = r.feed
         if isinstance(feed, proto.Paused):
-            lines.append("<li>asked: " + "; ".join(html.escape(q.prompt[:120])
-                                                   for q in feed.queries) + "</li>")
+            lines.append("asked: " + "; ".join(q.prompt[:120] for q in feed.queries))
         elif isinstance(feed, proto.Accepted):
-            lines.append(f"<li>accepted, {feed.remaining} remaining</li>")
+            lines.append(f"accepted, {feed.remaining} remaining")
         elif isinstance(feed, proto.Finished):
-            lines.append(f"<li>{feed.state}</li>")
+            lines.append(feed.state)
         elif not r.ok:
-            lines.append(f"<li>error: {html.escape(str(r.payload))}</li>")
-    return f"<ol class='pool-transcript' style='margin:0'>{''.join(lines)}</ol>"
+            lines.append(f"error: {r.payload}")
+    return lines
 
 
-class PausedSessionView:
-    """A Lua session as it goes: pending queries with answer boxes, transcript, result."""
+def _session_head(session: Session, word: str) -> str:
+    return (f"<b>{html.escape(session.connection.name)}</b> · session "
+            f"<code>{html.escape(str(session.id))}</code> · {_badge(word)}")
 
-    def __init__(self, conn: Connection, reply: Reply, *, use_widgets: bool = True) -> None:
-        self.conn = conn
-        self.steps: list[Reply] = list(reply.history or [reply])
-        self.use_widgets = use_widgets
+
+def _session_outcome_html(session: Session, first_line: int) -> str:
+    """Result, error or pending count, then metrics and conversation history."""
+    word = str(session.state)
+    parts = []
+    if word == "failed":
+        error = session.error or ""
+        if isinstance(session.last.feed, proto.Finished):
+            parts.append(parse_lua_error(error, session.code,
+                                         first_line=first_line).html())
+        else:  # the worker refused a step: its message as it is
+            parts.append(f"<div class='pool-error-message' style='color:{_RED};"
+                         f"white-space:pre-wrap'>{html.escape(error)}</div>")
+    elif word == "completed":
+        parts.append(f"<div class='pool-result'>{_tree(session.result)}</div>")
+    if session.metrics:
+        metrics = {k: v for k, v in session.metrics.items() if k != "conversation_history"}
+        parts.append(f"<details><summary>metrics</summary>{_tree(metrics)}</details>")
+    history = _conversation(session.metrics)
+    if history:
+        parts.append(_history_html(history))
+    return "".join(parts)
+
+
+def _transcript_html(session: Session) -> str:
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in _transcript(session.steps))
+    return f"<ol class='pool-transcript' style='margin:0'>{items}</ol>"
+
+
+def session_html(session: Session, *, first_line: int = 1, errors: Sequence[str] = ()) -> str:
+    """A session as static HTML: state first (red when failed), then what matters for it."""
+    pending = session.pending
+    word = str(session.state)
+    parts = [f"<div class='pool-session'>{_session_head(session, word)}"]
+    if pending:
+        parts.append(f" ({len(pending)} pending)")
+        parts.extend(_query_html(q) for q in pending)
+    parts.append(_session_outcome_html(session, first_line))
+    parts.append(_transcript_html(session))
+    parts.extend(f"<div class='pool-view-error' style='color:{_RED}'>{html.escape(e)}</div>"
+                 for e in errors)
+    return "".join(parts) + "</div>"
+
+
+def session_text(session: Session, *, first_line: int = 1) -> str:
+    """A session as plain text (terminal IPython and the text/plain fallback)."""
+    word = str(session.state)
+    out = [f"{session.connection.name} session {session.id}: {word}"]
+    if word == "failed":
+        error = session.error or ""
+        out.append(parse_lua_error(error, session.code, first_line=first_line).text()
+                   if isinstance(session.last.feed, proto.Finished) else error)
+    elif word == "completed":
+        out.append(json.dumps(session.result, ensure_ascii=False, default=str))
+    out.extend(f"  pending {q.id}: {q.prompt}" for q in session.pending)
+    return "\n".join(out)
+
+
+class SessionView:
+    """A session as it goes: answer boxes for pending queries, then its outcome.
+
+    Renders ``session`` and acts only through it: Send schedules
+    ``session.answer(text, query_id)`` on the kernel loop; the session tells the
+    view of every change (``session.observe``) and the view redraws itself.
+    """
+
+    def __init__(self, session: Session, *, use_widgets: bool = True,
+                 first_line: int = 1) -> None:
+        self.session = session
+        self.first_line = first_line
         self.errors: list[str] = []
         self._box: Any = None
+        self._inputs: dict[str, tuple[Any, Any]] = {}
         if use_widgets:
             import ipywidgets as widgets
 
@@ -129,107 +417,196 @@ class PausedSessionView:
                                                            padding="6px"))
             self._box.add_class("pool-session")
             self._render()
+            self._unobserve: Callable[[], None] | None = session.observe(self._changed)
+        else:
+            self._unobserve = None
 
     @property
-    def last(self) -> Reply:
-        return self.steps[-1]
+    def widget(self) -> Any:
+        """The ipywidgets box (None with widgets off)."""
+        return self._box
 
-    @property
-    def pending(self) -> list[proto.Query]:
-        """Queries of the latest pause that have no answer yet."""
-        for i in range(len(self.steps) - 1, -1, -1):
-            feed = self.steps[i].feed
-            if isinstance(feed, proto.Paused):
-                answered = {r.request.query_id for r in self.steps[i + 1:]
-                            if isinstance(r.request, proto.Continue) and r.ok}
-                return [q for q in feed.queries if q.id not in answered]
-            if isinstance(feed, proto.Finished):
-                return []
-        return []
+    def answer_widgets(self, query_id: str) -> tuple[Any, Any]:
+        """The answer ``Textarea`` and **Send** ``Button`` shown for a pending query."""
+        return self._inputs[query_id]
 
     def html(self) -> str:
-        last = self.last
-        parts = [f"<div class='pool-session'><b>{html.escape(self.conn.name)}</b> · session "
-                 f"<code>{html.escape(str(self._session_id()))}</code>"]
-        pending = self.pending
-        if pending:
-            parts.append(f" · <span class='pool-feed'>paused</span> ({len(pending)} pending)")
-            parts.extend(_query_html(q) for q in pending)
-        else:
-            parts.append(reply_html(last))
-        parts.append(transcript_html(self.steps))
-        parts.extend(f"<div style='color:#cf222e'>{html.escape(e)}</div>" for e in self.errors)
-        return "".join(parts) + "</div>"
+        return session_html(self.session, first_line=self.first_line, errors=self.errors)
 
-    def _session_id(self) -> str | None:
-        return next((r.session_id for r in self.steps if r.session_id), None)
+    def _changed(self, _session: Session) -> None:
+        self._render()
 
     def _render(self) -> None:
         import ipywidgets as widgets
 
-        children: list[Any] = []
-        head = widgets.HTML(self.html() if not self.pending else
-                            f"<b>{html.escape(self.conn.name)}</b> · session "
-                            f"<code>{html.escape(str(self._session_id()))}</code> · "
-                            f"<span class='pool-feed'>paused</span>")
-        children.append(head)
-        for q in self.pending:
-            text = widgets.Textarea(placeholder=f"answer for {q.id}",
-                                    layout=widgets.Layout(width="95%"))
-            button = widgets.Button(description="Send", button_style="primary",
-                                    tooltip=f"continue {q.id}")
-            button.add_class("pool-send")
-            button.on_click(lambda _b, q=q, text=text, button=button:
-                            self._send(q, text, button))
+        session = self.session
+        pending = session.pending
+        if not pending:
+            self._box.children = [widgets.HTML(self.html())]
+            self._inputs = {}
+            if self._unobserve is not None and session.done:
+                self._unobserve()  # nothing will change any more
+                self._unobserve = None
+            return
+        children: list[Any] = [widgets.HTML(
+            f"{_session_head(session, str(session.state))} ({len(pending)} pending)")]
+        inputs: dict[str, tuple[Any, Any]] = {}
+        for q in pending:
+            if q.id in self._inputs:  # keep what was typed into the other boxes
+                text, button = inputs[q.id] = self._inputs[q.id]
+            else:
+                text = widgets.Textarea(placeholder=f"answer for {q.id}",
+                                        layout=widgets.Layout(width="95%"))
+                button = widgets.Button(description="Send", button_style="primary",
+                                        tooltip=f"continue {q.id}")
+                button.add_class("pool-send")
+                button.on_click(lambda _b, q=q, text=text, button=button:
+                                self._send(q, text, button))
+                inputs[q.id] = (text, button)
             children.append(widgets.VBox([widgets.HTML(_query_html(q)),
                                           widgets.HBox([text, button])]))
-        if self.pending:
-            children.append(widgets.HTML(transcript_html(self.steps)))
+        children.append(widgets.HTML(_transcript_html(session) + "".join(
+            f"<div class='pool-view-error' style='color:{_RED}'>{html.escape(e)}</div>"
+            for e in self.errors)))
+        self._inputs = inputs
         self._box.children = children
 
     def _send(self, query: proto.Query, text: Any, button: Any) -> None:
-        """Send click: continue this query as a task on the kernel loop."""
+        """Send click: the session answers this query, as a task on the kernel loop."""
         from .loop import runner
 
-        sid = self._session_id()
-        if sid is None:
-            return
         button.disabled = True
         button.description = "Sending…"
-        task = runner.schedule(self.conn.continue_(sid, text.value, query_id=query.id))
-        task.add_done_callback(self._sent)
+        task = runner.schedule(self.session.answer(text.value, query.id))
+        task.add_done_callback(lambda t: self._sent(t, button))
 
-    def _sent(self, task: Any) -> None:
+    def _sent(self, task: asyncio.Task[Any], button: Any) -> None:
+        """Only failures need the view: a successful answer reaches it through observe."""
         if task.cancelled():
-            self.errors.append("continue was cancelled")
+            self.errors.append("the answer was cancelled")
         elif task.exception() is not None:
-            self.errors.append(f"continue failed: {task.exception()}")
+            exc = task.exception()
+            self.errors.append(f"{type(exc).__name__}: {exc}")
         else:
-            self.steps.append(task.result())
+            return
+        button.disabled = False  # the query may still be pending: let it be sent again
+        button.description = "Send"
         self._render()
 
-    async def answer(self, response: str, query_id: str | None = None) -> Reply:
-        """Answer a pending query from code (what Send does), updating the view."""
-        sid = self._session_id()
-        if sid is None:
-            raise ValueError("this session has no id yet")
-        reply = await self.conn.continue_(sid, response, query_id=query_id)
-        self.steps.append(reply)
-        if self._box is not None:
-            self._render()
-        return reply
-
-    def _repr_html_(self) -> str:
-        return self.html()
-
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        bundle: dict[str, Any] = {"text/plain": repr(self), "text/html": self.html()}
+        bundle: dict[str, Any] = {"text/plain": session_text(self.session,
+                                                             first_line=self.first_line),
+                                  "text/html": self.html()}
         if self._box is not None:
             bundle.update(self._box._repr_mimebundle_(**kwargs) or {})
         return bundle
 
     def __repr__(self) -> str:
-        pending = self.pending
-        state = f"paused ({len(pending)} pending)" if pending else (
-            self.last.feed.state if self.last.feed else self.last.outcome)
-        return f"<PausedSessionView {self.conn.name} session={self._session_id()} {state}>"
+        return f"<SessionView {self.session.connection.name} {self.session.id} " \
+               f"{self.session.state}>"
+
+
+# ------------------------------------------------------------- history plot
+
+#: Percentiles drawn, HdrHistogram style (x = 1 / (1 - p)).
+_PERCENTILES = (0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
+_OP_STYLES = ("-", "--", ":", "-.")
+_OP_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _percentile_curve(latencies: Any) -> tuple[Any, Any]:
+    """The percentile curve: x = 1/(1-p), evenly spaced on the log axis up to p = 1 - 1/n."""
+    import numpy as np
+
+    values = np.asarray(latencies, dtype=float)
+    xs = np.logspace(0.0, np.log10(max(len(values), 1)), 200)
+    return xs, np.quantile(values, 1.0 - 1.0 / xs)
+
+
+def history_figure(df: pd.DataFrame) -> Figure:
+    """The history as two panels: latency over time, and latency by percentile.
+
+    Time is seconds since the first request; latency (ms) is on a log axis in
+    both panels. One colour per connection, one line style/marker per op, so
+    p50 to p99.9 of every series can be read at once. The figure is not
+    registered with pyplot: it is drawn exactly once, where it is displayed.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    fig = _displayed_figure()(figsize=(11.5, 4.2), layout="constrained")
+    ax_time, ax_pct = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
+    conns = sorted(str(c) for c in df["connection"].dropna().unique())
+    ops = sorted(str(o) for o in df["op"].dropna().unique())
+    colors = {c: f"C{i % 10}" for i, c in enumerate(conns)}
+    styles = {o: _OP_STYLES[i % len(_OP_STYLES)] for i, o in enumerate(ops)}
+    markers = {o: _OP_MARKERS[i % len(_OP_MARKERS)] for i, o in enumerate(ops)}
+    if len(df):
+        sent = df["sent_at"]
+        t0 = sent.min()
+        seconds = (sent - t0).dt.total_seconds()
+        latency = df["latency_ms"].clip(lower=1e-3)
+        for (conn, op), group in df.groupby(["connection", "op"], observed=True):
+            color, op_s = colors[str(conn)], str(op)
+            ax_time.plot(seconds[group.index], latency[group.index], markers[op_s],
+                         ms=2.5, alpha=0.5, color=color, mec="none")
+            xs, ys = _percentile_curve(latency[group.index])
+            ax_pct.plot(xs, ys, styles[op_s], color=color, lw=1.6)
+    ax_time.set(title="latency over time", xlabel="seconds since the first request",
+                ylabel="latency (ms, log)", yscale="log")
+    ax_pct.set(title="latency by percentile", xlabel="percentile", ylabel="latency (ms, log)",
+               xscale="log", yscale="log")
+    ticks = [1.0 / (1.0 - p) for p in _PERCENTILES]
+    ax_pct.xaxis.set_major_locator(FixedLocator(ticks))
+    ax_pct.xaxis.set_minor_locator(NullLocator())
+    ax_pct.xaxis.set_major_formatter(FuncFormatter(
+        lambda x, _pos: f"p{100 * (1 - 1 / x):.4g}" if x > 1 else "min"))
+    ax_pct.set_xlim(1, ticks[-1] * 1.3)
+    for ax in (ax_time, ax_pct):
+        ax.grid(True, which="major", alpha=0.3)
+    handles = [Line2D([], [], color=colors[c], lw=3, label=c) for c in conns]
+    handles += [Line2D([], [], color="0.3", ls=styles[o], marker=markers[o], ms=4, label=o)
+                for o in ops]
+    if handles:
+        fig.legend(handles=handles, loc="outside right center", fontsize="small",
+                   title="connection / op", title_fontsize="small", frameon=False)
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96)
+    return buf.getvalue()
+
+
+@functools.cache
+def _displayed_figure() -> type[Figure]:
+    """A Figure that IPython shows as a PNG by itself (no pyplot, so never twice).
+
+    Built on first use: matplotlib is imported only when a plot is drawn.
+    """
+    from matplotlib.figure import Figure
+
+    class DisplayedFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            return _png(self)
+
+    return DisplayedFigure
+
+
+# ------------------------------------------------------------------ formatters
+
+def register_formatters(shell: Any) -> None:
+    """Show replies, connections and sessions as HTML in this IPython shell (idempotent)."""
+    from .connections import Connection, Reply
+    from .session import Session
+
+    formatter = shell.display_formatter.formatters["text/html"]
+    formatter.for_type(Reply, reply_html)
+    formatter.for_type(Connection, connection_html)
+    formatter.for_type(Session, session_html)
+    plain = shell.display_formatter.formatters["text/plain"]
+    plain.for_type(Reply, lambda r, p, cycle: p.text(reply_text(r)))
+    plain.for_type(Session, lambda s, p, cycle: p.text(session_text(s)))

@@ -3,6 +3,12 @@
 Everything a magic does is a plain Python call too (``await pool_notebook.connect()``,
 ``await conn.send(...)``, ``pool_notebook.history()``). Blocking magics run their
 coroutine on the kernel's loop via :data:`pool_notebook.loop.runner`.
+
+Errors: a bad magic line is a ``UsageError`` (IPython's one-liner). A library
+error (any :class:`~pool_notebook.errors.PoolError`) keeps its type, so the cell
+fails and ``except`` clauses work, but is shown as one line plus a hint naming
+the magic that helps (``PoolMagics.show_tracebacks`` shows the full traceback).
+Anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -18,14 +25,15 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 from traitlets import Bool, Float, Unicode
 
+from . import errors
 from . import protocol as proto
 from ._version import PROTOCOL_VERSION
 from .connections import Connection, Reply, manager, parse_request
-from .display import PausedSessionView, widgets_enabled
-from .errors import ConnectionNotFound, MalformedRequest, PoolError
-from .history import plot, summary
+from .display import SessionView, history_figure, register_formatters, widgets_enabled
+from .history import summary
 from .loop import runner
 from .registry import Registry
+from .session import Session
 
 __all__ = ["PoolMagics"]
 
@@ -52,6 +60,57 @@ def _parse(magic: Any, line: str) -> Any:
     return args
 
 
+#: The magic that helps with each library error (most specific first).
+_HINTS: tuple[tuple[type[errors.PoolError], str], ...] = (
+    (errors.ConnectTimeout, "the worker did not accept in time: %pool_connect ... --timeout "
+     "SECONDS, or %config PoolMagics.handshake_timeout = SECONDS"),
+    (errors.HandshakeTimeout, "%pool_connect ... --timeout SECONDS waits longer; "
+     "%pool_workers shows whether the worker is alive"),
+    (errors.VersionMismatch, "%pool_connect ... --protocol-version {server} (or "
+     "--protocol-version auto) speaks the worker's version"),
+    (errors.InsecureSocketError, "%pool_connect ... --allow-insecure skips the checks "
+     "if you trust this socket"),
+    (errors.ConnectError, "%pool_workers lists known workers (--gc prunes dead ones); "
+     "%pool_connect with no socket spawns a new one"),
+    (errors.ConnectionNotFound, "%pool_connections lists open connections; "
+     "%pool_connect opens one"),
+    (errors.SessionRefused, "this worker runs one session per process: "
+     "%pool_connect a new worker for the next run"),
+    (errors.SessionNotPaused, "%pool_status shows the worker's session"),
+    (errors.ResponderError, "the session is still paused: answer it in the view, or fix "
+     "the responder and run `await session.answer_all(respond)`"),
+    (errors.RequestTimeout, "the connection stays usable; --timeout SECONDS or "
+     "%config PoolMagics.request_timeout = SECONDS allows longer requests"),
+    (errors.ConnectionBroken, "%pool_disconnect it, then %pool_connect --sid SID picks up "
+     "a paused session (%pool_workers lists sids)"),
+    (errors.TransportError, "%pool_disconnect it, then %pool_connect --sid SID picks up "
+     "a paused session (%pool_workers lists sids)"),
+    (errors.ClientClosed, "%pool_connect opens a new connection"),
+    (errors.MalformedRequest, "a request is a bare op (status, shutdown) or one JSON "
+     "object; %pool_send? shows the options"),
+    (errors.RegistryCorrupted, "inspect or move the file; %pool_workers reads it again "
+     "afterwards"),
+    (errors.SpawnError, "%pool_connect --spawn \"CMD --sid {sid} --sock {sock}\" starts "
+     "another worker command"),
+)
+
+
+def _hint(exc: errors.PoolError) -> str | None:
+    for kind, hint in _HINTS:
+        if isinstance(exc, kind):
+            return hint.replace("{server}", str(getattr(exc, "server", "VERSION")))
+    return None
+
+
+def _one_line(exc: errors.PoolError) -> list[str]:
+    """How IPython shows ``exc`` (its ``_render_traceback_`` protocol): name, message, hint."""
+    lines = [f"\x1b[31m{type(exc).__name__}\x1b[0m: {exc}"]
+    hint = _hint(exc)
+    if hint:
+        lines.append(f"\x1b[2mhint: {hint}\x1b[0m")
+    return lines
+
+
 @magics_class
 class PoolMagics(Magics):
     """Magics to drive pool workers: ``%pool_connect``, ``%%pool_send``, ``%%pool_run`` …"""
@@ -66,16 +125,31 @@ class PoolMagics(Magics):
     show_tracebacks = Bool(False, help="Show full tracebacks for pool errors.").tag(config=True)
     progress_after = Float(2.0, help="Seconds before a --respond run starts showing "
                            "progress.").tag(config=True)
+    respond = Unicode("", help="Default responder of %%pool_run: a Python name/expression "
+                      "(f(query) -> str) or a spec such as 'openai:MODEL'; empty: none.").tag(
+        config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell, **kwargs)
+        if shell is not None:
+            register_formatters(shell)
 
     # --------------------------------------------------------------- helpers
 
-    def _run(self, coro: Any) -> Any:
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Library errors keep their type but show as one line plus this layer's hint."""
         try:
+            yield
+        except errors.PoolError as exc:
+            if not self.show_tracebacks:
+                lines = _one_line(exc)
+                exc._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
+            raise
+
+    def _run(self, coro: Any) -> Any:
+        with self._errors():
             return runner.run(coro)
-        except (PoolError, ValueError) as exc:
-            if self.show_tracebacks:
-                raise
-            raise UsageError(f"{type(exc).__name__}: {exc}") from None
 
     def _timeout(self, value: float | None) -> float | None:
         if value is not None:
@@ -83,10 +157,8 @@ class PoolMagics(Magics):
         return self.request_timeout or None
 
     def _conn(self, name: str | None) -> Connection:
-        try:
+        with self._errors():
             return manager.get(name)
-        except ConnectionNotFound as exc:
-            raise UsageError(str(exc)) from None
 
     def _widgets(self) -> bool:
         return widgets_enabled(None) and self.widgets
@@ -112,7 +184,8 @@ class PoolMagics(Magics):
     @argument("--sid", help="reconnect to a worker from the registry (ours or algocline's)")
     @argument("--spawn", nargs="?", const="", default=None, metavar="CMD",
               help="spawn a worker from a command template with {sid} and {sock}")
-    @argument("--protocol-version", help="protocol version to speak (default: PoolMagics config)")
+    @argument("--protocol-version", help="protocol version to speak (default: PoolMagics "
+              "config); 'auto' speaks the version the worker reports")
     @argument("--timeout", type=float, help="handshake timeout in seconds")
     @argument("--allow-insecure", action="store_true",
               help="skip the socket directory and peer-uid checks")
@@ -147,10 +220,8 @@ class PoolMagics(Magics):
         text = self._expand(cell) if cell is not None else " ".join(args.request)
         if not text.strip():
             raise UsageError("give a request: %pool_send status, or a JSON object in the cell")
-        try:
+        with self._errors():
             request = parse_request(text)
-        except MalformedRequest as exc:
-            raise UsageError(str(exc)) from None
         timeout = self._timeout(args.timeout)
         if args.all:
             conns = list(manager.connections.values())
@@ -179,14 +250,18 @@ class PoolMagics(Magics):
     @argument("--to", help="connection name (default: the current one)")
     @argument("--ctx", help="Python expression for the run's ctx (JSON-able)")
     @argument("--lib", action="append", default=[], help="extra Lua library path (repeatable)")
-    @argument("--respond", help="Python callable answering each paused query: f(query) -> str")
+    @argument("--respond", help="answers every paused query until the session ends: a Python "
+              "callable f(query) -> str (sync or async), or a spec such as 'openai:MODEL' "
+              "(default: %%config PoolMagics.respond)")
     @argument("--timeout", type=float, help="timeout per request in seconds")
-    @argument("--out", help="store the session view in this variable")
+    @argument("--out", help="store the Session in this variable")
     @line_cell_magic
     def pool_run(self, line: str, cell: str | None = None) -> Any:
         """Run the cell as Lua code on the worker (a ``run`` request).
 
-        Without ``--respond`` a paused session shows its queries with answer boxes.
+        Shows the session: a paused one with an answer box and Send button per
+        query, a failed one with its Lua error mapped to the cell's lines.
+        ``--out NAME`` stores the Session (``await NAME.answer("...")``).
         The cell is sent as written (Lua tables use braces); pass Python values
         with ``--ctx`` (the Lua global ``ctx``).
         """
@@ -195,16 +270,44 @@ class PoolMagics(Magics):
             raise UsageError("%%pool_run needs Lua code in the cell body")
         conn = self._conn(args.to)
         ctx = self._eval(args.ctx, "--ctx") if args.ctx else None
-        respond = self._eval(args.respond, "--respond") if args.respond else None
-        if respond is not None and not callable(respond):
-            raise UsageError(f"--respond {args.respond} is not callable")
-        progress = _Progress(conn.name, self.progress_after)
-        reply = self._run(conn.run(cell, ctx=ctx, lib_paths=args.lib, respond=respond,
-                                   timeout=self._timeout(args.timeout), on_step=progress.step))
-        progress.done(reply)
-        view = PausedSessionView(conn, reply, use_widgets=self._widgets())
-        self._store(args.out, view)
+        respond = self._responder(args.respond or self.respond)
+        timeout = self._timeout(args.timeout)
+        session: Session = self._run(conn.run(cell, ctx=ctx, lib_paths=args.lib,
+                                              timeout=timeout))
+        self._store(args.out, session)
+        view = SessionView(session, use_widgets=self._widgets(), first_line=2)
+        if respond is not None and session.pending:
+            progress = _Progress(conn.name, self.progress_after)
+            stop = session.observe(progress.step)
+            try:
+                self._run(session.answer_all(respond, timeout=timeout))
+            except errors.PoolError:
+                display(view)  # still paused (or failed): show where it stopped
+                raise
+            finally:
+                stop()
+                progress.done(session)
         return view
+
+    def _responder(self, spec: str) -> Any:
+        """``--respond``: a Python expression naming a callable, else a spec string.
+
+        Text that is not Python (``openai:gpt-4o-mini``) goes to the library
+        unchanged, which resolves it or says which specs it knows.
+        """
+        if not spec:
+            return None
+        assert self.shell is not None
+        try:
+            value = self.shell.ev(spec)
+        except SyntaxError:
+            return spec
+        except Exception as exc:
+            raise UsageError(f"--respond {spec!r} failed: {type(exc).__name__}: {exc}") from None
+        if not callable(value) and not isinstance(value, str):
+            raise UsageError(f"--respond {spec} is not callable (or a spec such as "
+                             "'openai:MODEL')")
+        return value
 
     def _eval(self, expr: str, option: str) -> Any:
         assert self.shell is not None
@@ -239,14 +342,18 @@ class PoolMagics(Magics):
     @argument("--shutdown", action="store_true", help="ask the worker(s) to exit first")
     @line_magic
     def pool_disconnect(self, line: str) -> list[str]:
-        """Close connections; workers keep running (they outlive kernels) unless --shutdown."""
+        """Close connections (``--shutdown``: ask the worker to exit first).
+
+        A worker whose last client disconnects exits, unless it holds a paused
+        session: then it waits for a reconnect (``%pool_connect --sid SID``).
+        """
         args = _parse(self.pool_disconnect, line)
         names = list(manager.connections) if args.all else [self._conn(args.name).name]
         for name in names:
             conn = manager.get(name)
             if args.shutdown and conn.state == "open":
-                with contextlib.suppress(UsageError):  # already gone: disconnect anyway
-                    self._run(conn.shutdown(timeout=self._timeout(None) or 5.0))
+                with contextlib.suppress(errors.PoolError):  # already gone: disconnect anyway
+                    runner.run(conn.shutdown(timeout=self._timeout(None) or 5.0))
             manager.disconnect(name)
         return names
 
@@ -263,7 +370,7 @@ class PoolMagics(Magics):
         if args.algocline:
             registries.append(("algocline", Registry.algocline()))
         rows = []
-        try:
+        with self._errors():
             for source, reg in registries:
                 if args.gc:
                     reg.gc()
@@ -271,8 +378,6 @@ class PoolMagics(Magics):
                           "alive": e.alive, "version": e.version,
                           "age_s": round(e.age_seconds or 0.0, 1), "sock": e.sock}
                          for e in reg.entries()]
-        except PoolError as exc:
-            raise UsageError(str(exc)) from None
         return pd.DataFrame(rows, columns=["source", "sid", "pid", "alive", "version", "age_s",
                                            "sock"])
 
@@ -281,7 +386,8 @@ class PoolMagics(Magics):
     @argument("--op", help="only this op")
     @argument("--last", type=int, help="only the last N rows")
     @argument("--summary", action="store_true", help="count, error rate, p50/p95/p99 per op")
-    @argument("--plot", action="store_true", help="latency over time and its distribution")
+    @argument("--plot", action="store_true",
+              help="latency over time and by percentile (p50…p99.9), per connection and op")
     @argument("--all-sessions", action="store_true", help="include earlier kernels (SQLite)")
     @line_magic
     def pool_history(self, line: str) -> Any:
@@ -296,9 +402,10 @@ class PoolMagics(Magics):
             df = df.tail(args.last)
         if args.plot:
             try:
-                return plot(df)
-            except ImportError as exc:
-                raise UsageError(str(exc)) from None
+                return history_figure(df)
+            except ImportError:
+                raise UsageError("--plot needs matplotlib: pip install "
+                                 "'pool-notebook[plot]'") from None
         return summary(df) if args.summary else df
 
 
@@ -309,7 +416,6 @@ class _Progress:
         self.name = name
         self.after = after
         self.start = time.monotonic()
-        self.steps = 0
         self.handle: Any = None
 
     def _show(self, text: str) -> None:
@@ -318,30 +424,34 @@ class _Progress:
         else:
             self.handle.update(text)
 
-    def step(self, reply: Reply) -> None:
-        self.steps += 1
+    @staticmethod
+    def _pauses(session: Session) -> int:
+        return sum(isinstance(r.feed, proto.Paused) for r in session.steps)
+
+    def step(self, session: Session) -> None:
+        """Observer of the session: every step, once ``after`` seconds have passed."""
         elapsed = time.monotonic() - self.start
-        if elapsed >= self.after:
-            pending = len(reply.feed.queries) if isinstance(reply.feed, proto.Paused) else 0
-            self._show(f"{self.name}: session {reply.session_id} - pause {self.steps}, "
+        pending = len(session.pending)
+        if elapsed >= self.after and pending:
+            self._show(f"{self.name}: session {session.id} - pause {self._pauses(session)}, "
                        f"answering {pending} quer{'y' if pending == 1 else 'ies'} "
                        f"({elapsed:.1f} s)")
 
-    def done(self, reply: Reply) -> None:
+    def done(self, session: Session) -> None:
         if self.handle is not None:
-            self._show(f"{self.name}: {reply.outcome}, {self.steps} pauses answered in "
-                       f"{time.monotonic() - self.start:.1f} s")
+            self._show(f"{self.name}: {session.state}, {self._pauses(session)} pauses "
+                       f"answered in {time.monotonic() - self.start:.1f} s")
 
 
 async def _gather(conns: list[Connection], request: proto.Request,
-                  timeout: float | None) -> list[Reply | PoolError]:
+                  timeout: float | None) -> list[Reply | errors.PoolError]:
     import asyncio
 
     results = await asyncio.gather(*(c.send(request, timeout=timeout) for c in conns),
                                    return_exceptions=True)
-    out: list[Reply | PoolError] = []
+    out: list[Reply | errors.PoolError] = []
     for r in results:
-        if isinstance(r, BaseException) and not isinstance(r, PoolError):
+        if isinstance(r, BaseException) and not isinstance(r, errors.PoolError):
             raise r
         out.append(r)
     return out

@@ -1,0 +1,181 @@
+"""What the view renders: Lua errors from a real worker, and the history plot."""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pool_notebook import protocol as proto
+from pool_notebook.display import history_figure, parse_lua_error
+from pool_notebook.spawn import spawn_and_connect
+from tests.fakes import run
+
+pytestmark = pytest.mark.usefixtures("pool_home")
+
+#: What the runtime adds to every traceback and the user never wrote.
+_RUNTIME_NOISE = ("[C]", "xpcall", "<python>", "tail calls", "stack traceback")
+
+SYNTAX = "local x = 1\nreturn 1 +"
+BOOM = "local x = 1\nerror('boom from Lua')\nreturn x"
+NESTED = "local function f()\n  local t = nil\n  return t.x\nend\nreturn f()"
+BAD_ARG = "local n = 5\nreturn alc.llm(n)"
+
+
+def _errors_from_worker(*codes: str) -> list[str]:
+    """The Failed error text a real bundled worker gives for each chunk."""
+    async def main() -> list[str]:
+        client, _worker = await spawn_and_connect()
+        out = []
+        async with client:
+            for code in codes:
+                data = await client.run(code)
+                feed = data.feed_result
+                assert isinstance(feed, proto.Finished), feed
+                assert isinstance(feed.outcome, proto.Failed), feed.outcome
+                out.append(feed.outcome.error)
+            await client.shutdown()
+        return out
+    result: list[str] = run(main())
+    return result
+
+
+@pytest.fixture(scope="module")
+def worker_errors() -> Iterator[dict[str, str]]:
+    """One real worker for the module, in its own home (pool_home is per test)."""
+    codes = (SYNTAX, BOOM, NESTED, BAD_ARG)
+    home = tempfile.mkdtemp(prefix="pn-", dir="/tmp")  # short: sun_path is 108 bytes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POOL_NOTEBOOK_HOME", home)
+        yield dict(zip(codes, _errors_from_worker(*codes), strict=True))
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _clean(text: str) -> None:
+    for noise in _RUNTIME_NOISE:
+        assert noise not in text, (noise, text)
+    assert "\\n" not in text and "\\t" not in text
+
+
+def test_runtime_error_maps_to_the_cell_line_and_quotes_it(worker_errors: dict[str, str]) -> None:
+    raw = worker_errors[BOOM]
+    assert "xpcall" in raw  # the worker does send the runtime's frames
+    err = parse_lua_error(raw, BOOM, first_line=2)  # a %%pool_run cell: line 1 is the magic
+    assert err.message == "boom from Lua"
+    assert (err.line, err.source) == (3, "error('boom from Lua')")
+    assert err.frames == ()  # only "main chunk" at the same line: nothing more to say
+    _clean(err.text())
+    assert err.text().splitlines()[:2] == ["boom from Lua", "  line 3: error('boom from Lua')"]
+    assert err.raw == raw
+
+
+def test_syntax_error_quotes_the_offending_line(worker_errors: dict[str, str]) -> None:
+    err = parse_lua_error(worker_errors[SYNTAX], SYNTAX)
+    assert "unexpected symbol near <eof>" in err.message
+    assert (err.line, err.source) == (2, "return 1 +")
+    _clean(err.text())
+
+
+def test_nested_function_frames_keep_only_user_code(worker_errors: dict[str, str]) -> None:
+    err = parse_lua_error(worker_errors[NESTED], NESTED, first_line=2)
+    assert err.message == "attempt to index a nil value (local 't')"
+    assert (err.line, err.source) == (4, "  return t.x")
+    # the function frame says where the function starts, in cell lines too
+    assert [(f.line, f.text) for f in err.frames] == [(4, "in function <line 2>")]
+    _clean(err.text())
+
+
+def test_error_raised_inside_alc_points_at_the_users_call(worker_errors: dict[str, str]) -> None:
+    err = parse_lua_error(worker_errors[BAD_ARG], BAD_ARG)
+    assert err.message.startswith("alc.llm:") and "string" in err.message
+    assert (err.line, err.source) == (2, "return alc.llm(n)")
+    assert all(f.line == 2 for f in err.frames)  # alc's own glue frames are gone
+    _clean(err.text())
+
+
+def test_error_html_leads_with_the_message_and_escapes(worker_errors: dict[str, str]) -> None:
+    page = parse_lua_error(worker_errors[BOOM], BOOM, first_line=2).html()
+    visible = page.split("<details>")[0]  # the raw error is kept, folded, after it
+    assert visible.index("boom from Lua") < visible.index("line 3")
+    assert "#cf222e" in visible.split("boom from Lua")[0]  # the message is red
+    _clean(html.unescape(re.sub("<[^>]+>", " ", visible)))
+    assert "error(&#x27;boom from Lua&#x27;)" in visible
+
+
+def test_unknown_shapes_are_kept_whole() -> None:
+    err = parse_lua_error("session start failed: out of memory")
+    assert err.message == "session start failed: out of memory"
+    assert err.line is None and err.frames == ()
+    assert parse_lua_error("x:1: y", None).line == 1  # no code: line known, no quote
+    assert parse_lua_error("x:1: y", None).source is None
+
+
+def _history(n_fast: int = 600, n_slow: int = 40) -> pd.DataFrame:
+    rng = np.random.default_rng(7)
+    t0 = pd.Timestamp("2026-01-01T10:00:00Z")
+    parts = []
+    for conn in ("w0", "w1"):
+        for op, n, base in (("status", n_fast, 0.08), ("run", n_slow, 2.0)):
+            parts.append(pd.DataFrame({
+                "connection": conn, "op": op,
+                "sent_at": t0 + pd.to_timedelta(np.sort(rng.uniform(5, 9, n)), unit="s"),
+                "latency_ms": rng.lognormal(np.log(base), 0.4, n)}))
+    df = pd.concat(parts, ignore_index=True)
+    for column in ("connection", "op"):
+        df[column] = df[column].astype("category")
+    return df
+
+
+def test_history_figure_reads_at_a_glance(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    df = _history()
+    fig = history_figure(df)
+    assert plt.get_fignums() == before  # not a pyplot figure: nothing draws it a second time
+    time_ax, pct_ax = fig.axes
+    assert time_ax.get_xlabel() == "seconds since the first request"
+    assert time_ax.get_yscale() == "log" and pct_ax.get_yscale() == "log"
+    assert pct_ax.get_xscale() == "log"
+    starts = [line.get_xdata()[0] for line in time_ax.get_lines()]
+    assert min(starts) == pytest.approx(df["sent_at"].sub(df["sent_at"].min())
+                                        .dt.total_seconds().min())
+    assert max(max(line.get_xdata()) for line in time_ax.get_lines()) < 5  # seconds, from 0
+    fig.canvas.draw()
+    labels = [t.get_text() for t in pct_ax.get_xticklabels()]
+    assert {"p50", "p90", "p99", "p99.9"} <= set(labels)
+    # one colour per connection, one line style per op
+    curves = pct_ax.get_lines()
+    assert len(curves) == 4
+    by_conn: dict[str, set[Any]] = {}
+    for line, (conn, op) in zip(curves, df.groupby(["connection", "op"], observed=True)
+                                .groups, strict=True):
+        by_conn.setdefault(conn, set()).add(line.get_color())
+        assert line.get_linestyle() == {"run": "-", "status": "--"}[op]
+    assert all(len(colours) == 1 for colours in by_conn.values())
+    assert by_conn["w0"] != by_conn["w1"]
+    # the p99 of a curve is the data's p99
+    status_w0 = df[(df.connection == "w0") & (df.op == "status")]["latency_ms"]
+    xs, ys = curves[1].get_data()
+    at_p99 = np.interp(100.0, xs, ys)
+    assert at_p99 == pytest.approx(np.quantile(status_w0, 0.99), rel=0.05)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["w0", "w1", "run", "status"]
+    png = fig._repr_png_()  # type: ignore[attr-defined]
+    assert png.startswith(b"\x89PNG")
+    (tmp_path / "history.png").write_bytes(png)
+
+
+def test_history_figure_of_an_empty_history() -> None:
+    df = _history().iloc[:0]
+    fig = history_figure(df)
+    assert fig._repr_png_().startswith(b"\x89PNG")  # type: ignore[attr-defined]
+    assert fig.legends == []
