@@ -28,6 +28,7 @@ decoder) and chained with ``from``. ``asyncio.CancelledError`` and
     ├── RequestTimeout               (also TimeoutError) no reply within the timeout
     ├── ConnectionBroken             sticky: the connection can no longer be trusted
     ├── ClientClosed                 the client was closed by its owner
+    ├── ProtocolStateError           (also RuntimeError) a move the protocol state forbids
     ├── WorkerError                  the worker answered ok:false (carries op and message)
     ├── SpawnError                   a worker process did not come up
     ├── RegistryError                the worker registry could not be used
@@ -50,6 +51,7 @@ __all__ = [
     "MalformedRequest",
     "PoolError",
     "ProtocolError",
+    "ProtocolStateError",
     "ReadError",
     "RegistryCorrupted",
     "RegistryError",
@@ -263,6 +265,19 @@ class ClientClosed(PoolError):
 
     def __init__(self) -> None:
         super().__init__("the connection was closed; connect again to talk to the worker")
+
+
+class ProtocolStateError(PoolError, RuntimeError):
+    """An I/O layer asked the protocol state machine for a move its state forbids.
+
+    A bug in the caller (e.g. a second request while one is in flight), never
+    something the worker did; the connection's state is unchanged.
+    """
+
+    def __init__(self, state: str, action: str) -> None:
+        self.state = state
+        self.action = action
+        super().__init__(f"cannot {action} while the connection is {state}")
 
 
 class WorkerError(PoolError):
