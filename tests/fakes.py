@@ -12,8 +12,11 @@ import asyncio
 import json
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from pool_notebook import PROTOCOL_VERSION
@@ -144,3 +147,123 @@ class FakeWorker:
 def run(coro: Any) -> Any:
     """Run a coroutine on a fresh loop (each test gets its own)."""
     return asyncio.run(coro)
+
+# ----------------------------------------------- an OpenAI-compatible chat server (llm)
+
+
+@dataclass
+class ChatFailure:
+    """A scripted failure: answer the next ``count`` requests with ``status``."""
+
+    status: int
+    count: int = 1
+    retry_after: str | None = None
+
+
+class FakeChatServer:
+    """A loopback ``/v1/chat/completions`` server speaking OpenAI's format, for the real SDK.
+
+    Each request is answered by ``answer(body, n)`` (n = 1-based arrival number; by
+    default ``"sample n: <prompt>"``, so identical prompts get distinct samples),
+    after ``delay`` seconds, with ``usage`` counted in words. ``fail(...)`` scripts
+    429s (with ``retry-after``) or 5xx; ``outage = 500`` fails everything until
+    reset. It records every request body and the most requests it held at once.
+    Runs in its own threads, so it is independent of the test's event loop.
+    """
+
+    def __init__(self, *, delay: float = 0.0,
+                 answer: Callable[[dict[str, Any], int], str] | None = None) -> None:
+        self.delay = delay
+        self.answer = answer or (lambda body, n: f"sample {n}: {body['messages'][-1]['content']}")
+        self.outage: int | None = None
+        self.requests: list[dict[str, Any]] = []
+        self.statuses: list[int] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._failures: list[ChatFailure] = []
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _chat_handler(self))
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    @property
+    def calls(self) -> int:
+        """Requests received (failed ones included)."""
+        return len(self.requests)
+
+    def fail(self, status: int, count: int = 1, retry_after: str | None = None) -> None:
+        with self._lock:
+            self._failures.append(ChatFailure(status, count, retry_after))
+
+    def __enter__(self) -> FakeChatServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def handle(self, body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
+        """Status, headers and JSON body for one request (called on a server thread)."""
+        with self._lock:
+            self.requests.append(body)
+            n = len(self.requests)
+            failure = self._failures[0] if self._failures else None
+            if failure is not None:
+                failure.count -= 1
+                if failure.count <= 0:
+                    self._failures.pop(0)
+            status = failure.status if failure else self.outage
+            self.statuses.append(status or 200)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if status is not None:
+                retry_after = failure.retry_after if failure else None
+                headers = {"retry-after": retry_after} if retry_after else {}
+                return status, headers, {"error": {"message": f"scripted failure {status}",
+                                                   "type": "server_error", "code": None}}
+            time.sleep(self.delay)
+            text = self.answer(body, n)
+            prompt_words = sum(len(str(m["content"]).split()) for m in body["messages"])
+            return 200, {}, {
+                "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
+                "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(text.split()),
+                          "total_tokens": prompt_words + len(text.split())},
+            }
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+
+def _chat_handler(server: FakeChatServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's connection pool expects
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length))
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                status, headers, reply = 404, {}, {"error": {"message": f"no {self.path}"}}
+            else:
+                status, headers, reply = server.handle(body)
+            data = json.dumps(reply).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet
+            pass
+
+    return Handler
