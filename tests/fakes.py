@@ -148,6 +148,7 @@ def run(coro: Any) -> Any:
     """Run a coroutine on a fresh loop (each test gets its own)."""
     return asyncio.run(coro)
 
+
 # ----------------------------------------------- an OpenAI-compatible chat server (llm)
 
 
