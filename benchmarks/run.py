@@ -5,7 +5,8 @@
 2. the bundled worker: spawn-to-ready, and status round trip through our client;
 3. magics: %%pool_send overhead over the bare client, display cost, 64-worker fan-out;
 4. history: recording cost per request, 1,000,000 rows -> DataFrame time and bytes/row.
-Parts: client, worker, magics, history (default: all).
+5. llm (bench_llm.py): a 64-query pause answered concurrently vs one at a time.
+Parts: client, worker, magics, history, llm (default: all).
 Medians and p99 over interleaved rounds (the machines here are noisy).
 """
 
@@ -273,5 +274,6 @@ if __name__ == "__main__":
     os.environ.setdefault("POOL_NOTEBOOK_HISTORY", "off")
     parts = {"client": client_vs_baselines, "worker": lambda: asyncio.run(_worker()),
              "magics": magics_bench, "history": history_bench}
+    parts["llm"] = lambda: __import__("bench_llm").main()  # model responders (issue 10)
     for name in sys.argv[1:] or parts:
         parts[name]()

@@ -33,12 +33,17 @@ decoder) and chained with ``from``. ``asyncio.CancelledError`` and
     ├── SpawnError                   a worker process did not come up
     ├── RegistryError                the worker registry could not be used
     │   └── RegistryCorrupted        registry.json exists but does not parse
-    └── ConnectionNotFound           (notebook layer) no connection by that name
+    ├── ConnectionNotFound           (notebook layer) no connection by that name
+    └── LLMError                     (llm) a model responder cannot be built or used
+        ├── LLMProviderError         the model provider failed after the SDK's retries
+        ├── ReplayMiss               cache="replay" and no answer was recorded
+        └── AnswerStoreError         the answers store file cannot be used
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AnswerStoreError",
     "ClientClosed",
     "ConnectError",
     "ConnectTimeout",
@@ -48,6 +53,8 @@ __all__ = [
     "HandshakeError",
     "HandshakeTimeout",
     "InsecureSocketError",
+    "LLMError",
+    "LLMProviderError",
     "MalformedRequest",
     "PoolError",
     "ProtocolError",
@@ -55,6 +62,7 @@ __all__ = [
     "ReadError",
     "RegistryCorrupted",
     "RegistryError",
+    "ReplayMiss",
     "RequestTimeout",
     "RequestTooLarge",
     "ResponseEncodeError",
@@ -330,3 +338,48 @@ class ConnectionNotFound(PoolError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
+
+
+class LLMError(PoolError):
+    """A model responder cannot be built or used (bad spec, missing extra, missing key)."""
+
+
+class LLMProviderError(LLMError):
+    """The model provider failed after the SDK's retries; ``__cause__`` is the SDK error.
+
+    Nothing was answered: a paused session stays paused and can be answered again.
+    """
+
+    def __init__(self, model: str, base_url: str, reason: str,
+                 status: int | None = None) -> None:
+        self.model = model
+        self.base_url = base_url
+        self.status = status
+        code = f"HTTP {status}: " if status is not None else ""
+        super().__init__(
+            f"model {model!r} at {base_url} failed: {code}{reason}. Nothing was answered: "
+            "a paused session stays paused; answer it again when the provider is back"
+        )
+
+
+class ReplayMiss(LLMError):
+    """``cache="replay"`` and this occurrence of the request was never recorded."""
+
+    def __init__(self, model: str, prompt: str, occurrence: int, store: str) -> None:
+        self.model = model
+        self.prompt = prompt
+        self.occurrence = occurrence
+        shown = prompt if len(prompt) <= 120 else prompt[:120] + "…"
+        super().__init__(
+            f"no recorded answer from {model!r} for occurrence {occurrence + 1} of prompt "
+            f"{shown!r} in {store}; record it first (cache=\"record\"), import the store "
+            "shipped with the notebook, or answer by hand"
+        )
+
+
+class AnswerStoreError(LLMError):
+    """The answers store (SQLite, or an exported JSON-lines file) cannot be used."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = path
+        super().__init__(f"answers store {path}: {reason}")

@@ -1,0 +1,85 @@
+"""Model responders: a 64-query pause answered concurrently vs one at a time.
+
+A real Lua run on the bundled worker pauses with ``alc.llm_batch`` of 64
+queries; a model responder answers them through the real ``openai`` SDK from a
+loopback OpenAI-compatible server that takes 100 ms per answer. Side by side,
+interleaved rounds: ``max_concurrency=64`` vs ``max_concurrency=1`` (the old
+one-after-another behaviour), and the same batch replayed from the answers store.
+Run: ``python benchmarks/run.py llm``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from pool_notebook import llm
+from pool_notebook.connections import Connection, ConnectionManager
+from pool_notebook.history import History
+from tests.fakes import FakeChatServer
+
+QUERIES = 64
+DELAY = 0.1
+ROUNDS = 3
+BATCH = (f"local qs = {{}} for i = 1, {QUERIES} do qs[i] = {{prompt = 'item ' .. i}} end "
+         "return alc.llm_batch(qs)")
+
+
+async def _answer(conn: Connection, responder: llm.ModelResponder, concurrency: int) -> float:
+    """Seconds from the pause to the end of the session (the run itself not counted)."""
+    session = await conn.run(BATCH)
+    start = time.perf_counter()
+    await session.answer_all(responder, max_concurrency=concurrency)
+    elapsed = time.perf_counter() - start
+    assert len(session.result) == QUERIES
+    return elapsed
+
+
+async def _bench(server: FakeChatServer, store: llm.AnswerStore) -> dict[str, list[float]]:
+    manager = ConnectionManager(History(None))
+    conn = await manager.connect(name="llm-bench")
+    concurrent = llm.openai("m", base_url=server.base_url, max_concurrency=QUERIES, cache="off")
+    serial = llm.openai("m", base_url=server.base_url, max_concurrency=1, cache="off")
+    recording = llm.openai("m", base_url=server.base_url, max_concurrency=QUERIES, store=store)
+    replay = llm.openai("m", cache="replay", max_concurrency=QUERIES, store=store)
+    await _answer(conn, recording, QUERIES)  # records the batch (and warms the SDK up)
+    times: dict[str, list[float]] = {"concurrent (64)": [], "one at a time": [],
+                                     "replayed from the store": []}
+    try:
+        for _ in range(ROUNDS):
+            times["concurrent (64)"].append(await _answer(conn, concurrent, QUERIES))
+            times["one at a time"].append(await _answer(conn, serial, 1))
+            times["replayed from the store"].append(await _answer(conn, replay, QUERIES))
+    finally:
+        await conn.shutdown()
+        manager.close_all()
+    return times
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="pn-llm-bench-") as tmp, \
+            FakeChatServer(delay=DELAY) as server:
+        store = llm.AnswerStore(os.path.join(tmp, "answers.sqlite"))
+        times = asyncio.run(_bench(server, store))
+        peak = server.max_in_flight
+    print(f"\n## llm: a {QUERIES}-query pause, {DELAY * 1000:.0f} ms per answer "
+          f"(loopback server, real openai SDK, real worker; median of {ROUNDS} rounds)\n")
+    print("| answered | median s | all rounds s |")
+    print("|---|---|---|")
+    for name, samples in times.items():
+        shown = ", ".join(f"{t:.2f}" for t in samples)
+        print(f"| {name} | {statistics.median(samples):.3f} | {shown} |")
+    con = statistics.median(times["concurrent (64)"])
+    ser = statistics.median(times["one at a time"])
+    print(f"\none at a time / concurrent = {ser / con:.1f}x; concurrent = {con / DELAY:.1f}x "
+          f"one answer's {DELAY * 1000:.0f} ms; the server saw at most {peak} requests at once")
+
+
+if __name__ == "__main__":
+    main()
