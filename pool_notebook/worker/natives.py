@@ -1,16 +1,25 @@
 """The native half of the ``alc`` API: Python functions handed to ``alc.lua`` as ``host``.
 
 ``alc.lua`` (the pure-Lua half, like algocline's prelude) receives the table
-built by :func:`host_functions` and wires ``alc.*`` to it. Every value crossing
-into Lua goes through the session's ``to_lua`` / ``to_py`` conversions.
+built by :func:`host_functions` and wires ``alc.*`` to it; it also turns every
+exception raised here into a plain Lua error string. Values crossing into Lua
+go through the session's ``to_lua`` / ``to_py`` conversions, so Lua never sees
+a Python object. What lives on disk (state, cards) is in :mod:`.stores`, the
+numerics of ``alc.math`` in :mod:`.mathlib`, text helpers in :mod:`.textops`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from ..registry import algocline_home, home
+from . import textops
+from .mathlib import MathLib
+from .stores import CardStore, StateStore
 
 if TYPE_CHECKING:
     from .runtime import LuaSession
@@ -19,6 +28,9 @@ __all__ = ["host_functions", "read_source"]
 
 log = logging.getLogger("pool_notebook.worker.lua")
 
+_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
+           "debug": logging.DEBUG}
+
 
 def read_source(path: str) -> str:
     """A Lua module's text (the module searcher's only file access)."""
@@ -26,42 +38,274 @@ def read_source(path: str) -> str:
         return f.read()
 
 
-def host_functions(session: LuaSession) -> dict[str, Callable[..., Any]]:
-    """The ``host`` table ``alc.lua`` is run with, bound to ``session``."""
+def _opt(table: Any, key: str, kind: type | tuple[type, ...]) -> Any:
+    """``table[key]`` when ``table`` is a dict and the value has type ``kind``, else None."""
+    if not isinstance(table, dict):
+        return None
+    value = table.get(key)
+    if isinstance(value, bool) and kind is not bool:
+        return None
+    return value if isinstance(value, kind) else None
 
-    def log_(level: Any, message: Any = None) -> None:
+
+def _text(value: Any, fname: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{fname}: {what} must be a string, got {_lua_type(value)}")
+    return value
+
+
+def _lua_type(value: Any) -> str:
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "table"
+
+
+class _Bridge:
+    """The host functions of one session, with the stores and RNGs they share."""
+
+    def __init__(self, session: LuaSession) -> None:
+        self.session = session
+        root = home()
+        self.dirs = {"state": str(root / "state"), "cards": str(root / "cards"),
+                     "scenarios": str(algocline_home() / "scenarios")}
+        self.state = StateStore(root / "state")
+        self.cards = CardStore(root / "cards")
+        self.math = MathLib()
+        self.math_functions = self.math.functions()
+        self.stats: dict[str, Any] = {}
+        self.null: Any = getattr(session, "null", None)
+
+    # ------------------------------------------------------------------ values
+
+    def py(self, value: Any) -> Any:
+        """A Lua argument as JSON-able Python (alc.null is None)."""
+        if self.null is not None and value == self.null:
+            return None
+        return self.session.to_py(value)
+
+    def lua(self, value: Any) -> Any:
+        """JSON-able Python as a Lua value (nested nulls as alc.null)."""
+        return self.session.to_lua(self._nulls(value))
+
+    def _nulls(self, value: Any) -> Any:
+        if self.null is None:
+            return value
+        if isinstance(value, dict):
+            return {k: self.null if v is None else self._nulls(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.null if v is None else self._nulls(v) for v in value]
+        return value
+
+    def charge(self, value: Any) -> None:
+        """Count data the worker keeps for the session against its memory cap."""
+        charge = getattr(self.session, "charge", None)
+        if charge is not None:
+            charge(len(json.dumps(value, ensure_ascii=False)))
+
+    # ------------------------------------------------------------------ log, json
+
+    def log(self, level: Any, message: Any = None) -> None:
         if message is None:
             level, message = "info", level
-        number = logging.getLevelName(str(level).upper())
-        log.log(number if isinstance(number, int) else logging.INFO, "[%s] %s",
-                session.session_id, message)
+        self.emit(str(level), str(message))
 
-    def json_encode(value: Any) -> str:
+    def emit(self, level: str, message: str) -> None:
+        sink = getattr(self.session, "emit_log", None)
+        if sink is not None:
+            sink(level, message)
+        else:
+            log.log(_LEVELS.get(level, logging.INFO), "[%s] %s", self.session.session_id,
+                    message)
+
+    def print(self, line: Any) -> None:
+        self.emit("info", str(line).rstrip("\n"))
+
+    def json_encode(self, value: Any) -> str:
         try:
-            return json.dumps(session.to_py(value), ensure_ascii=False, allow_nan=False)
+            return json.dumps(self.py(value), ensure_ascii=False, allow_nan=False,
+                              separators=(",", ":"), sort_keys=True)
         except ValueError as exc:
             raise ValueError(f"alc.json_encode: {exc}") from None
 
-    def json_decode(text: Any) -> Any:
-        if not isinstance(text, str):
-            raise ValueError("alc.json_decode: expected a string")
+    def json_decode(self, text: Any) -> Any:
+        _text(text, "alc.json_decode", "the argument")
+        ensure_room = getattr(self.session, "ensure_room", None)
+        if ensure_room is not None:
+            ensure_room(len(text) * 4)  # decoded Lua tables take a few times the text
         try:
-            return session.to_lua(json.loads(text))
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise ValueError(f"alc.json_decode: invalid JSON: {exc}") from None
+            value = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"alc.json_decode: {exc}") from None
+        return self.null if value is None and self.null is not None else self.lua(value)
 
-    def state_get(key: Any, default: Any = None) -> Any:
-        kv = session.kv
-        return session.to_lua(kv[key]) if key in kv else default
+    # ------------------------------------------------------------------ state
 
-    def state_set(key: Any, value: Any) -> None:
-        session.kv[key] = session.to_py(value)
+    def state_op(self, op: str, ns: str, key: Any = None, *args: Any) -> Any:
+        if op == "keys":
+            return self.lua(self.state.keys(ns))
+        key = _text(key, f"alc.state.{op}", "key")
+        if op == "get":
+            found, value = self.state.get(ns, key)
+            return self.lua(value) if found else (args[0] if args else None)
+        if op in ("set", "set_nx"):
+            value = self.py(args[0] if args else None)
+            self.charge(value)
+            if op == "set":
+                self.state.set(ns, key, value)
+                return None
+            return self.state.set_nx(ns, key, value)
+        if op == "delete":
+            self.state.delete(ns, key)
+            return None
+        if op == "has":
+            return self.state.has(ns, key)
+        delta = args[0] if args and args[0] is not None else 1.0
+        default = args[1] if len(args) > 1 and args[1] is not None else 0.0
+        for name, v in (("delta", delta), ("default", default)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"alc.state.incr: {name} must be a number")
+        return self.state.incr(ns, key, float(delta), float(default))
 
-    return {
-        "log": log_,
-        "json_encode": json_encode,
-        "json_decode": json_decode,
-        "state_get": state_get,
-        "state_set": state_set,
-        "read_source": read_source,
-    }
+    # ------------------------------------------------------------------ cards
+
+    def card_op(self, op: str, *args: Any) -> Any:
+        a = [self.py(v) for v in args]
+        first = a[0] if a else None
+        second = a[1] if len(a) > 1 else None
+        cards = self.cards
+        if op == "create":
+            self.charge(first)
+            card_id, path = cards.create(first)
+            return self.lua({"card_id": card_id, "path": path})
+        if op in ("list", "alias_list"):
+            pkg = _opt(first, "pkg", str)
+            return self.lua(cards.list_cards(pkg) if op == "list" else cards.alias_list(pkg))
+        if op == "find":
+            q = first if isinstance(first, dict) else {}
+            return self.lua(cards.find(pkg=_opt(q, "pkg", str), where=q.get("where"),
+                                       order_by=q.get("order_by"), limit=_opt(q, "limit", int),
+                                       offset=_opt(q, "offset", int)))
+        if op == "sink_backfill":
+            if not isinstance(first, dict) or not isinstance(first.get("sink"), str):
+                raise ValueError("alc.card.sink_backfill: params.sink must be a string")
+            return self.lua(cards.sink_backfill(first["sink"], bool(first.get("dry_run"))))
+        if op == "lineage":
+            if not isinstance(first, dict):
+                raise ValueError("alc.card.lineage: expected a query table")
+            filt = first.get("relation_filter")
+            return self.lua(cards.lineage(
+                _text(first.get("card_id"), "alc.card.lineage", "card_id"),
+                direction=_opt(first, "direction", str) or "up",
+                depth=_opt(first, "depth", int),
+                include_stats=first.get("include_stats") is not False,
+                relation_filter=[str(r) for r in filt] if isinstance(filt, list) else None))
+        card_id = _text(first, f"alc.card.{op}", "the first argument")
+        if op == "get":
+            return self.lua(cards.get(card_id))
+        if op == "get_by_alias":
+            return self.lua(cards.get_by_alias(card_id))
+        if op == "append":
+            self.charge(second)
+            return self.lua(cards.append(card_id, second))
+        if op == "alias_set":
+            opts = a[2] if len(a) > 2 else None
+            target = _text(second, "alc.card.alias_set", "card_id")
+            return self.lua(cards.alias_set(card_id, target, _opt(opts, "pkg", str),
+                                            _opt(opts, "note", str)))
+        if op == "write_samples":
+            self.charge(second)
+            path, count = cards.write_samples(card_id, second)
+            return self.lua({"path": path, "count": count})
+        if op == "read_samples":
+            return self.lua(cards.read_samples(card_id, offset=_opt(second, "offset", int) or 0,
+                                               limit=_opt(second, "limit", int),
+                                               where=_opt(second, "where", dict)))
+        raise ValueError(f"alc.card.{op}: no such function")
+
+    # ------------------------------------------------------------------ the rest
+
+    def stats_record(self, key: Any, value: Any) -> None:
+        converted = self.py(value)
+        self.charge(converted)
+        self.stats[_text(key, "alc.stats.record", "key")] = converted
+
+    def stats_get(self, key: Any) -> Any:
+        return self.lua(self.stats.get(_text(key, "alc.stats.get", "key")))
+
+    def counters(self) -> tuple[int, int, int]:
+        """(llm calls, elapsed ms, tokens) of the session, for ctx.budget."""
+        s = self.session
+        usage = s.usage
+        tokens = usage.get("total_tokens") or \
+            usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+        return s.queries, int(s.metrics()["wall_ms"]), int(tokens)
+
+    def progress(self, step: Any, total: Any, message: Any = None) -> None:
+        for name, v in (("step", step), ("total", total)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"alc.progress: {name} must be a non-negative integer")
+        setter = getattr(self.session, "set_progress", None)
+        text = None if message is None else str(message)
+        if setter is not None:
+            setter(int(step), int(total), text)
+        else:
+            self.emit("info", f"progress {int(step)}/{int(total)}" + (f": {text}" if text else ""))
+
+    def math_fn(self, name: str) -> Callable[..., Any]:
+        fn = self.math_functions[name]
+
+        def call(*args: Any) -> Any:
+            return self.lua(fn(*(self.py(a) for a in args)))
+        return call
+
+    def chunk(self, text: Any, opts: Any = None) -> Any:
+        o = self.py(opts)
+        mode = _opt(o, "mode", str) or "lines"
+        size = _opt(o, "size", int)
+        overlap = _opt(o, "overlap", int)
+        pieces = textops.chunk(_text(text, "alc.chunk", "text"), mode=mode,
+                               size=50 if size is None else max(size, 0),
+                               overlap=0 if overlap is None else max(overlap, 0))
+        return self.lua(pieces)
+
+    def match_enum(self, text: Any, candidates: Any, opts: Any = None) -> Any:
+        values = self.py(candidates)
+        if not isinstance(values, list) or not all(isinstance(c, str) for c in values):
+            raise ValueError("alc.match_enum: candidates must be an array of strings")
+        threshold = _opt(self.py(opts), "threshold", (int, float))
+        return textops.match_enum(_text(text, "alc.match_enum", "text"), values,
+                                  0.7 if threshold is None else float(threshold))
+
+    def table(self) -> dict[str, Any]:
+        return {
+            "null": self.null,
+            "log": self.log,
+            "print": self.print,
+            "json_encode": self.json_encode,
+            "json_decode": self.json_decode,
+            "state": self.state_op,
+            "card": self.card_op,
+            "stats_record": self.stats_record,
+            "stats_get": self.stats_get,
+            "counters": self.counters,
+            "progress": self.progress,
+            "chunk": self.chunk,
+            "match_enum": self.match_enum,
+            "match_bool": lambda text: textops.match_bool(_text(text, "alc.match_bool", "text")),
+            "time": time.time,
+            "dirs": lambda: self.lua(self.dirs),
+            "math_names": lambda: self.lua(sorted(self.math_functions)),
+            "math_fn": self.math_fn,
+            "read_source": read_source,
+        }
+
+
+def host_functions(session: LuaSession) -> dict[str, Any]:
+    """The ``host`` table ``alc.lua`` is run with, bound to ``session``."""
+    return _Bridge(session).table()
