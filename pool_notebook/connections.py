@@ -2,19 +2,20 @@
 
 ``conn = await pool_notebook.connect()`` spawns the bundled worker (or attaches
 to a socket, or finds a worker by sid in the registries), ``await conn.send("status")``
-sends a request, ``await conn.run(code, respond=...)`` drives a Lua session,
-and every request lands in :func:`history` exactly once whatever its outcome.
+sends a request, ``session = await conn.run(code, respond=...)`` drives a Lua
+session, and every request lands in :func:`history` exactly once whatever its outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
+import contextlib
+import enum
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as proto
@@ -23,20 +24,23 @@ from .client import LateReply, PoolClient
 from .errors import (
     ConnectError,
     ConnectionNotFound,
+    InvalidArgument,
     MalformedRequest,
     PoolError,
     RequestTimeout,
+    SessionRefused,
 )
-from .history import History, default_path
+from .history import Counts, History, Outcome, counts_from_metrics, counts_from_usage, default_path
 from .registry import Registry, WorkerEntry
+from .session import PauseResponder, Responder, Session, SessionState, resolve_responder
 from .spawn import WorkerProcess, spawn_and_connect
 
-__all__ = ["Connection", "ConnectionManager", "Reply", "Responder", "manager", "parse_request"]
-
-#: Answers one paused query: ``(query) -> str`` (sync or async).
-Responder = Callable[[proto.Query], "str | Awaitable[str]"]
+__all__ = ["Connection", "ConnectionManager", "ConnectionState", "Reply", "find_worker",
+           "manager", "parse_request"]
 
 _BARE_OPS = ("shutdown", "status")
+#: How algocline's worker refuses a second ``run`` (one session per process).
+_REFUSAL = "already has an active session"
 
 
 def parse_request(text: str) -> proto.Request:
@@ -60,6 +64,17 @@ def parse_request(text: str) -> proto.Request:
         return proto.RawRequest(obj)  # unknown ops and extensions go out as written
 
 
+class ConnectionState(str, enum.Enum):
+    """Whether a connection can be used."""
+
+    OPEN = "open"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
 @dataclass
 class Reply:
     """The outcome of one request made through a Connection."""
@@ -67,11 +82,10 @@ class Reply:
     connection: str
     request: proto.Request
     seq: int
-    outcome: str
+    outcome: Outcome
     latency_ms: float
     response: proto.Response | None = None
     error: BaseException | None = None
-    history: list[Reply] = field(default_factory=list)
 
     @property
     def op(self) -> str:
@@ -79,7 +93,7 @@ class Reply:
 
     @property
     def ok(self) -> bool:
-        return self.outcome == "ok"
+        return self.outcome is Outcome.OK
 
     @property
     def feed(self) -> proto.FeedResult | None:
@@ -87,7 +101,8 @@ class Reply:
 
     @property
     def session_id(self) -> str | None:
-        return _session_id(self.response)
+        data = self.response.data if self.response else None
+        return data.session_id if isinstance(data, (proto.FeedData, proto.StatusData)) else None
 
     @property
     def result(self) -> Any:
@@ -104,11 +119,6 @@ class Reply:
             return self.response.raw.get("data") if self.response.ok else self.response.error
         return str(self.error) if self.error else None
 
-    def _repr_html_(self) -> str:
-        from .display import reply_html
-
-        return reply_html(self)
-
     def __repr__(self) -> str:
         return (f"<Reply #{self.seq} {self.connection}:{self.op} {self.outcome} "
                 f"{self.latency_ms:.3f} ms>")
@@ -122,28 +132,43 @@ def _request_size(request: proto.Request) -> int:
         return 0
 
 
-def _session_id(response: proto.Response | None) -> str | None:
-    data = response.data if response else None
-    return data.session_id if isinstance(data, (proto.FeedData, proto.StatusData)) else None
-
-
-def _feed_state(response: proto.Response | None) -> str | None:
+def _counts(request: proto.Request, response: proto.Response | None) -> Counts | None:
+    """A finished session's totals on the row that finished it, else the usage sent."""
     feed = response.feed if response else None
-    return feed.state if feed is not None else None
+    if isinstance(feed, proto.Finished) and feed.metrics:
+        return counts_from_metrics(feed.metrics)
+    return counts_from_usage(request.usage) if isinstance(request, proto.Continue) else None
+
+
+class _Ticket:
+    """Names one send of a request, so its late reply finds that send's history row."""
+
+    __slots__ = ("late", "seq")
+
+    def __init__(self) -> None:
+        self.seq: int | None = None
+        self.late: LateReply | None = None
 
 
 class Connection:
     """One named connection to a worker, recording each request in the history."""
 
     def __init__(self, name: str, client: PoolClient, history: History, *,
-                 worker: WorkerProcess | None = None, worker_sid: str | None = None) -> None:
+                 worker: WorkerProcess | None = None, worker_sid: str | None = None,
+                 respawn: tuple[str | Sequence[str] | None, Mapping[str, Any]] | None = None
+                 ) -> None:
         self.name = name
-        self.client = client
         self.history = history
+        self._respawn = respawn
+        self.session: Session | None = None
+        self._attach(client, worker, worker_sid)
+
+    def _attach(self, client: PoolClient, worker: WorkerProcess | None,
+                worker_sid: str | None) -> None:
+        self.client = client
         self.worker = worker
         self.worker_sid = worker_sid or (worker.sid if worker else None)
         self.pid = client.peer.pid if client.peer else (worker.pid if worker else 0)
-        self._abandoned: dict[int, int] = {}  # id(request) -> history seq
         client.on_late_reply = self._late
 
     @property
@@ -155,64 +180,83 @@ class Connection:
         return self.client.server_version
 
     @property
-    def state(self) -> str:
-        return "closed" if self.client.closed else "broken" if self.client.broken else "open"
+    def state(self) -> ConnectionState:
+        if self.client.closed:
+            return ConnectionState.CLOSED
+        return ConnectionState.BROKEN if self.client.broken else ConnectionState.OPEN
 
-    def _record(self, request: proto.Request, sent_ns: int, latency_ms: float, outcome: str,
-                response: proto.Response | None, error: BaseException | None) -> int:
-        sid = _session_id(response)
+    def _record(self, request: proto.Request, sent_ns: int, latency_ms: float,
+                outcome: Outcome, response: proto.Response | None,
+                error: BaseException | None) -> int:
+        data = response.data if response else None
+        sid = data.session_id if isinstance(data, (proto.FeedData, proto.StatusData)) else None
         if sid is None and isinstance(request, proto.Continue):
             sid = request.sid
+        feed = response.feed if response else None
         return self.history.record(
-            self.name, self.sock_path, self.pid, self.version, request.op, sid,
-            request.query_id if isinstance(request, proto.Continue) else None,
-            sent_ns, latency_ms, outcome,
-            type(error).__name__ if error is not None else None,
-            str(error) if error is not None else (response.error if response else None),
-            response.request_size if response else _request_size(request),
-            response.size if response else 0,
-            _feed_state(response),
+            connection=self.name, socket=self.sock_path, worker_pid=self.pid,
+            worker_version=self.version, op=request.op, session_id=sid,
+            query_id=request.query_id if isinstance(request, proto.Continue) else None,
+            sent_ns=sent_ns, latency_ms=latency_ms, outcome=outcome,
+            error_type=type(error).__name__ if error is not None else None,
+            error_message=(str(error) if error is not None
+                           else response.error if response else None),
+            request_bytes=response.request_size if response else _request_size(request),
+            response_bytes=response.size if response else 0,
+            feed_state=feed.state if feed is not None else None,
+            counts=_counts(request, response),
         )
 
     async def send(self, request: proto.Request | str | dict[str, Any], *,
                    timeout: float | None = None) -> Reply:
         """Send one request; worker errors come back as a Reply, client errors raise.
 
-        Either way the request is recorded once in the history.
+        Either way the request is recorded once in the history; a reply that
+        arrives after a timeout or cancellation updates that request's row.
         """
         if isinstance(request, str):
             request = parse_request(request)
         elif isinstance(request, dict):
             request = proto.RawRequest(request)
+        ticket = _Ticket()
         sent_ns = time.time_ns()
         start = time.perf_counter()
         try:
-            response = await self.client.send_request(request, timeout=timeout)
+            response = await self.client.send_request(request, timeout=timeout, token=ticket)
         except asyncio.CancelledError as exc:
-            seq = self._record(request, sent_ns, _ms(start), "cancelled", None, exc)
-            self._abandoned[id(request)] = seq
+            self._gave_up(ticket, request, sent_ns, start, Outcome.CANCELLED, exc)
             raise
         except PoolError as exc:
-            outcome = "timeout" if isinstance(exc, RequestTimeout) else "client_error"
-            seq = self._record(request, sent_ns, _ms(start), outcome, None, exc)
-            if outcome == "timeout":
-                self._abandoned[id(request)] = seq
+            outcome = Outcome.TIMEOUT if isinstance(exc, RequestTimeout) else Outcome.CLIENT_ERROR
+            self._gave_up(ticket, request, sent_ns, start, outcome, exc)
             raise
         latency = _ms(start)
-        outcome = "ok" if response.ok else "worker_error"
+        outcome = Outcome.OK if response.ok else Outcome.WORKER_ERROR
         seq = self._record(request, sent_ns, latency, outcome, response, None)
         return Reply(self.name, request, seq, outcome, latency, response)
 
+    def _gave_up(self, ticket: _Ticket, request: proto.Request, sent_ns: int, start: float,
+                 outcome: Outcome, error: BaseException) -> None:
+        ticket.seq = self._record(request, sent_ns, _ms(start), outcome, None, error)
+        if ticket.late is not None:  # the reply came in before the row existed
+            self._late(ticket.late)
+
     def _late(self, late: LateReply) -> None:
-        seq = self._abandoned.pop(id(late.request), None)
-        if seq is None:
+        """The client read the reply of a request whose caller gave up: update its row."""
+        ticket = late.token
+        if not isinstance(ticket, _Ticket):
+            return  # a request sent on the client directly, not through this connection
+        if ticket.seq is None:
+            ticket.late = late
             return
+        feed = late.response.feed if late.response else None
         self.history.update(
-            seq, latency_ms=late.latency_ns / 1e6, outcome="late_reply",
+            ticket.seq, latency_ms=late.latency_ns / 1e6, outcome=Outcome.LATE_REPLY,
             response_bytes=late.response.size if late.response else 0,
-            feed_state=_feed_state(late.response),
+            feed_state=feed.state if feed is not None else None,
             error_type=type(late.error).__name__ if late.error else None,
             error_message=str(late.error) if late.error else None,
+            counts=_counts(late.request, late.response),
         )
 
     async def status(self, *, include_history: bool = False,
@@ -220,35 +264,59 @@ class Connection:
         return await self.send(proto.Status(include_history), timeout=timeout)
 
     async def continue_(self, sid: str, response: str, *, query_id: str | None = None,
-                        usage: dict[str, Any] | None = None,
+                        usage: Mapping[str, Any] | None = None,
                         timeout: float | None = None) -> Reply:
         return await self.send(proto.Continue(sid, response, query_id, usage), timeout=timeout)
 
     async def run(self, code: str, *, ctx: Any = None, lib_paths: Sequence[str] = (),
-                  respond: Responder | None = None, timeout: float | None = None,
-                  on_step: Callable[[Reply], None] | None = None) -> Reply:
-        """Run Lua code; with ``respond``, answer every pause until the session ends.
+                  respond: Responder | PauseResponder | str | None = None,
+                  timeout: float | None = None) -> Session:
+        """Run Lua code; returns its :class:`Session` (paused or ended).
 
-        Returns the last reply; ``reply.history`` holds every step in order.
+        With ``respond`` (a callable or a string such as ``"openai:MODEL"``) every
+        pause is answered until the session ends. A worker that serves one session
+        per process (algocline's) refuses a second run: a connection that spawned
+        its worker then spawns a fresh one and runs there; otherwise
+        ``SessionRefused`` says what to do.
         """
-        reply = await self.send(proto.Run(code, ctx, tuple(lib_paths)), timeout=timeout)
-        steps = [reply]
-        while respond is not None and reply.ok and isinstance(reply.feed, proto.Paused):
-            if on_step is not None:
-                on_step(reply)
-            sid = reply.session_id
-            assert sid is not None
-            for query in reply.feed.queries:
-                answer = respond(query)
-                if inspect.isawaitable(answer):
-                    answer = await answer
-                reply = await self.continue_(sid, str(answer), query_id=query.id,
-                                             timeout=timeout)
-                steps.append(reply)
-                if not reply.ok:
-                    break
-        reply.history = steps
-        return reply
+        responder = resolve_responder(respond)
+        request = proto.Run(code, ctx, tuple(lib_paths))
+        reply = await self.send(request, timeout=timeout)
+        if _refused(reply):
+            await self._replace_refusing_worker(reply)
+            reply = await self.send(request, timeout=timeout)
+            if _refused(reply):
+                raise SessionRefused(str(reply.payload))
+        session = self.session = Session(self, reply)
+        if responder is not None and session.state is SessionState.PAUSED:
+            await session.answer_all(responder, timeout=timeout)
+        return session
+
+    async def _replace_refusing_worker(self, refusal: Reply) -> None:
+        message = str(refusal.payload)
+        if self._respawn is None:
+            raise SessionRefused(message)
+        if self.session is not None and self.session.state is SessionState.PAUSED:
+            raise SessionRefused(f"{message} (session {self.session.id} on this connection "
+                                 "is paused: answer it first, or connect to another worker)")
+        await self.respawn()
+
+    async def respawn(self) -> None:
+        """Replace this connection's worker by a fresh one, spawned as the first was.
+
+        The old worker is asked to shut down. Only for connections that spawned
+        their worker (``connect()`` without a socket or sid).
+        """
+        if self._respawn is None:
+            raise InvalidArgument(f"connection {self.name!r} did not spawn its worker "
+                                  f"({self.sock_path}), so it cannot start a new one")
+        command, options = self._respawn
+        client, worker = await spawn_and_connect(command, **options)
+        old = self.client
+        with contextlib.suppress(PoolError):
+            await old.shutdown(timeout=5.0)
+        old.close()
+        self._attach(client, worker, None)
 
     async def shutdown(self, *, timeout: float | None = None) -> Reply:
         return await self.send(proto.Shutdown(), timeout=timeout)
@@ -256,14 +324,15 @@ class Connection:
     def close(self) -> None:
         self.client.close()
 
-    def _repr_html_(self) -> str:
-        from .display import connection_html
-
-        return connection_html(self)
-
     def __repr__(self) -> str:
         return (f"<Connection {self.name!r} {self.sock_path} version={self.version} "
                 f"pid={self.pid} {self.state}>")
+
+
+def _refused(reply: Reply) -> bool:
+    """Is this ``run`` reply algocline's one-session-per-worker refusal?"""
+    error = reply.response.error if reply.response is not None else None
+    return reply.outcome is Outcome.WORKER_ERROR and _REFUSAL in (error or "")
 
 
 def _ms(start: float) -> float:
@@ -306,31 +375,40 @@ class ConnectionManager:
     ) -> Connection:
         """Connect, and make it the current connection.
 
-        No ``sock``/``sid``: spawn ``spawn`` (default: the bundled worker).
-        ``sid``: look the worker up in our registry, then algocline's.
+        No ``sock``/``sid``: spawn ``spawn`` (a command template with ``{sid}`` and
+        ``{sock}``; default: the bundled worker). ``sid``: look the worker up in
+        our registry, then algocline's.
         """
-        if name and name in self.connections and self.connections[name].state == "open":
-            raise ValueError(f"a connection named {name!r} is already open; "
-                             "disconnect it first or pick another --name")
+        if name and name in self.connections and \
+                self.connections[name].state is ConnectionState.OPEN:
+            raise InvalidArgument(f"a connection named {name!r} is already open; disconnect "
+                                  "it first (pool_notebook.disconnect(name)) or pick another "
+                                  "name")
+        if spawn is not None and (sock is not None or sid is not None):
+            raise InvalidArgument("spawn starts a new worker: give it without sock or sid")
         options: dict[str, Any] = {"version": version, "handshake_timeout": timeout,
                                    "allow_insecure": allow_insecure}
         worker: WorkerProcess | None = None
-        worker_sid = sid
+        respawn: tuple[str | Sequence[str] | None, Mapping[str, Any]] | None = None
         if sock is None and sid is not None:
-            entry = find_worker(sid)
-            sock = entry.sock
+            sock = find_worker(sid).sock
         if sock is None:
             client, worker = await spawn_and_connect(spawn, **options)
+            respawn = (spawn, options)
         else:
             client = await PoolClient.connect(sock, **options)
         conn = Connection(self._name(name), client, self.history, worker=worker,
-                          worker_sid=worker_sid)
+                          worker_sid=sid, respawn=respawn)
         self.connections[conn.name] = conn
         self.current = conn.name
         return conn
 
     def disconnect(self, name: str | None = None) -> Connection:
-        """Close one connection (the worker keeps running unless shut down first)."""
+        """Close one connection.
+
+        The worker exits when its client leaves, unless it holds a paused
+        session: then reconnect later with ``connect(sid=...)`` to answer it.
+        """
         conn = self.get(name)
         conn.close()
         del self.connections[conn.name]
@@ -341,7 +419,7 @@ class ConnectionManager:
     def close_all(self) -> None:
         for name in list(self.connections):
             self.disconnect(name)
-        self.history.flush()
+        self.history.flush(wait=False)
 
 
 def find_worker(sid: str) -> WorkerEntry:
@@ -351,7 +429,7 @@ def find_worker(sid: str) -> WorkerEntry:
         if entry is not None:
             if not entry.alive:
                 raise ConnectError(entry.sock, f"worker {sid} (pid {entry.pid}) is no longer "
-                                   "running; %pool_workers --gc prunes it")
+                                   "running; Registry.default().gc() prunes it")
             return entry
     raise ConnectError(sid, f"no worker with sid {sid!r} in {Registry.default().path} "
                        f"or {Registry.algocline().path}")

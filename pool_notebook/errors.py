@@ -11,6 +11,7 @@ decoder) and chained with ``from``. ``asyncio.CancelledError`` and
     ├── ConnectError                 socket connect() failed (wraps the OSError)
     │   └── ConnectTimeout           (also TimeoutError) connect() did not complete in time
     ├── InsecureSocketError          path/directory/peer failed the security checks
+    │   └── InsecureDirectoryError   (worker side) an existing socket directory is not private
     ├── HandshakeError               the handshake reply was not an acceptable handshake
     │   ├── HandshakeTimeout         (also TimeoutError) no reply within handshake_timeout
     │   └── VersionMismatch          worker speaks another protocol version
@@ -30,14 +31,21 @@ decoder) and chained with ``from``. ``asyncio.CancelledError`` and
     ├── ClientClosed                 the client was closed by its owner
     ├── ProtocolStateError           (also RuntimeError) a move the protocol state forbids
     ├── WorkerError                  the worker answered ok:false (carries op and message)
+    │   └── SessionRefused           the worker already has a session (one per worker)
     ├── SpawnError                   a worker process did not come up
     ├── RegistryError                the worker registry could not be used
     │   └── RegistryCorrupted        registry.json exists but does not parse
-    ├── ConnectionNotFound           (notebook layer) no connection by that name
-    └── LLMError                     (llm) a model responder cannot be built or used
-        ├── LLMProviderError         the model provider failed after the SDK's retries
-        ├── ReplayMiss               cache="replay" and no answer was recorded
-        └── AnswerStoreError         the answers store file cannot be used
+    ├── ConnectionNotFound           (also KeyError) no connection by that name
+    ├── InvalidArgument              (also ValueError) a library call got an unusable argument
+    ├── SessionError                 a Session cannot do what was asked
+    │   ├── SessionNotPaused         nothing (or not that query) is waiting for an answer
+    │   └── ResponderError           the responder raised; the session stays paused
+    ├── HistoryError                 the history database could not be read
+    ├── LLMError                     (llm) a model responder cannot be built or used
+    │   ├── LLMProviderError         the model provider failed after the SDK's retries
+    │   ├── ReplayMiss               cache="replay" and no answer was recorded
+    │   └── AnswerStoreError         the answers store file cannot be used
+    └── LoopError                    (also RuntimeError) called from the wrong thread or loop
 """
 
 from __future__ import annotations
@@ -52,9 +60,13 @@ __all__ = [
     "ConnectionNotFound",
     "HandshakeError",
     "HandshakeTimeout",
+    "HistoryError",
+    "InsecureDirectoryError",
     "InsecureSocketError",
+    "InvalidArgument",
     "LLMError",
     "LLMProviderError",
+    "LoopError",
     "MalformedRequest",
     "PoolError",
     "ProtocolError",
@@ -65,9 +77,13 @@ __all__ = [
     "ReplayMiss",
     "RequestTimeout",
     "RequestTooLarge",
+    "ResponderError",
     "ResponseEncodeError",
     "ResponseParseError",
     "ResponseTooLarge",
+    "SessionError",
+    "SessionNotPaused",
+    "SessionRefused",
     "SpawnError",
     "TransportError",
     "UnsolicitedResponse",
@@ -101,8 +117,8 @@ class ConnectError(PoolError):
         self.sock_path = sock_path
         super().__init__(
             f"cannot connect to worker socket {sock_path}: {reason}. "
-            "Check that the worker is running (%pool_workers lists known ones) "
-            "and that the path is right."
+            "Check that the worker is running (pool_notebook.Registry.default().entries() "
+            "lists known ones) and that the path is right."
         )
 
 
@@ -125,6 +141,20 @@ class InsecureSocketError(PoolError):
         super().__init__(
             f"refusing socket {sock_path}: {problem}. "
             "Fix the permissions, or pass allow_insecure=True if you trust it."
+        )
+
+
+class InsecureDirectoryError(InsecureSocketError):
+    """(Worker side) the socket's existing directory is not private to us; it is left as is."""
+
+    def __init__(self, directory: str, problem: str) -> None:
+        self.sock_path = directory
+        self.problem = problem
+        PoolError.__init__(
+            self,
+            f"refusing socket directory {directory}: {problem}. The worker never changes "
+            "the mode of a directory it did not create: give --sock a path in a directory "
+            "of your own with mode 0700, or in one that does not exist yet (it is created 0700)."
         )
 
 
@@ -151,8 +181,8 @@ class VersionMismatch(HandshakeError):
         self.server = server
         super().__init__(
             f"version mismatch: client={client}, server={server}. "
-            f"The worker speaks {server}; connect with version={server!r} "
-            f"(magic: %pool_connect ... --protocol-version {server})."
+            f"The worker speaks {server}; connect with "
+            f"pool_notebook.connect(..., version={server!r})."
         )
 
 
@@ -264,7 +294,8 @@ class ConnectionBroken(PoolError):
         self.reason = reason
         super().__init__(
             f"connection is broken ({reason}); close it and connect again "
-            "(%pool_disconnect then %pool_connect --sid ... to pick up a paused session)"
+            "(pool_notebook.disconnect(name), then pool_notebook.connect(sid=...) "
+            "to pick up a paused session)"
         )
 
 
@@ -334,10 +365,73 @@ class ConnectionNotFound(PoolError, KeyError):
     def __init__(self, name: str, known: list[str]) -> None:
         self.name = name
         listed = ", ".join(known) if known else "none open"
-        super().__init__(f"no connection named {name!r} (open: {listed}); use %pool_connect")
+        super().__init__(f"no connection named {name!r} (open: {listed}); "
+                         "open one with pool_notebook.connect()")
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
+
+
+class SessionRefused(WorkerError):
+    """The worker refused ``run`` because it already has a session.
+
+    algocline's ``alc pool-worker`` serves one session per process.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.op = "run"
+        self.message = message
+        PoolError.__init__(
+            self,
+            f"worker refused 'run': {message}. This worker serves one session per "
+            "process (algocline's rule): run on a new worker "
+            "(pool_notebook.connect(spawn=...) starts one; connections that spawned "
+            "their worker start a fresh one by themselves)",
+        )
+
+
+class InvalidArgument(PoolError, ValueError):
+    """A library function got an argument it cannot use; the message names it."""
+
+
+class SessionError(PoolError):
+    """A :class:`~pool_notebook.session.Session` cannot do what was asked."""
+
+
+class SessionNotPaused(SessionError):
+    """``answer`` was called but nothing (or not that query) is waiting for one."""
+
+    def __init__(self, session_id: str | None, state: str, detail: str = "") -> None:
+        self.session_id = session_id
+        self.state = state
+        super().__init__(
+            f"session {session_id} is {state}{': ' + detail if detail else ''}; "
+            "session.pending lists the queries that can be answered"
+        )
+
+
+class ResponderError(SessionError):
+    """The responder raised while answering ``query``; ``__cause__`` is its exception.
+
+    The session stays paused: answer it again (``session.answer``/``answer_all``).
+    """
+
+    def __init__(self, query_id: str, error: BaseException, failed: int = 1) -> None:
+        self.query_id = query_id
+        self.failed = failed
+        more = f" ({failed - 1} more failed too)" if failed > 1 else ""
+        super().__init__(
+            f"the responder raised {type(error).__name__} for query {query_id}: {error}{more}; "
+            "the session is still paused and can be answered again"
+        )
+
+
+class HistoryError(PoolError):
+    """The history database could not be read or written; ``__cause__`` says why."""
+
+
+class LoopError(PoolError, RuntimeError):
+    """A blocking call was made from the wrong thread, or on a loop that cannot run it."""
 
 
 class LLMError(PoolError):

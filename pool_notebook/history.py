@@ -2,33 +2,109 @@
 
 Recording is on the request path, so it only appends to typed arrays
 (``array.array``; a row's strings are interned as one key): about a microsecond
-and ~44 bytes per request. Rows reach SQLite (WAL) in batches, off the request path:
-after each cell and at exit. A row is written once per request whatever its
-outcome; a late reply updates its request's row instead of adding another.
+and under 100 bytes per request. A background writer thread copies new and
+updated rows to SQLite (WAL) every ``interval`` seconds (0.5 s), so a killed
+process loses at most the last second; ``SIGTERM`` and interpreter exit flush
+everything first. A row is written once per request whatever its outcome; a
+late reply updates its request's row instead of adding another.
 """
 
 from __future__ import annotations
 
 import array
+import atexit
 import contextlib
+import enum
+import logging
 import os
+import signal
 import sqlite3
+import threading
 import uuid
-from collections.abc import Iterable
+import weakref
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from .errors import HistoryError
 from .registry import home
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["COLUMNS", "OUTCOMES", "History"]
+__all__ = ["COLUMNS", "Counts", "History", "Outcome", "counts_from_metrics",
+           "counts_from_usage", "default_path", "summary"]
 
-#: Outcomes a row can have.
-OUTCOMES = ("ok", "worker_error", "client_error", "timeout", "cancelled", "late_reply")
+log = logging.getLogger(__name__)
 
-_INT_COLUMNS = ("seq", "worker_pid", "sent_ns", "request_bytes", "response_bytes")
+
+class Outcome(str, enum.Enum):
+    """How a request ended, as ``Reply.outcome`` and the history's ``outcome`` column."""
+
+    OK = "ok"
+    WORKER_ERROR = "worker_error"
+    CLIENT_ERROR = "client_error"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    LATE_REPLY = "late_reply"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Counts(NamedTuple):
+    """LLM counts of one row; -1 where the worker did not report one."""
+
+    llm_calls: int = -1
+    rounds: int = -1
+    prompt_tokens: int = -1
+    completion_tokens: int = -1
+
+
+_NO_COUNTS = Counts()
+_COUNT_COLUMNS = Counts._fields
+_MAX_COUNT = 2**53
+
+
+def _count(value: Any) -> int:
+    """A reported count: a non-negative int (or algocline's ``{"tokens": n}``), else -1."""
+    if isinstance(value, Mapping):
+        value = value.get("tokens")
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT:
+        return value
+    return -1
+
+
+def counts_from_usage(usage: Mapping[str, Any] | None) -> Counts | None:
+    """Token counts sent with a ``continue`` (``{prompt_tokens, completion_tokens}``)."""
+    if not usage:
+        return None
+    return Counts(prompt_tokens=_count(usage.get("prompt_tokens")),
+                  completion_tokens=_count(usage.get("completion_tokens")))
+
+
+def counts_from_metrics(metrics: Mapping[str, Any] | None) -> Counts | None:
+    """Counts of a finished session's metrics, in either shape workers send.
+
+    algocline: ``{"auto": {llm_calls, rounds, prompt_tokens: {"tokens": n, ...},
+    response_tokens: {...}}, "custom": {...}}``; the bundled worker's older shape:
+    ``{wall_ms, llm_rounds, llm_queries, usage: {prompt_tokens, completion_tokens}}``.
+    """
+    if not metrics:
+        return None
+    auto = metrics.get("auto")
+    if isinstance(auto, Mapping):
+        return Counts(_count(auto.get("llm_calls")), _count(auto.get("rounds")),
+                      _count(auto.get("prompt_tokens")), _count(auto.get("response_tokens")))
+    usage = metrics.get("usage")
+    usage = usage if isinstance(usage, Mapping) else {}
+    return Counts(_count(metrics.get("llm_queries")), _count(metrics.get("llm_rounds")),
+                  _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+
+
+_INT_COLUMNS = ("seq", "worker_pid", "sent_ns", "request_bytes", "response_bytes",
+                *_COUNT_COLUMNS)
 #: The string fields of a row, stored together as one interned "row key".
 _KEY_COLUMNS = ("connection", "socket", "worker_version", "op", "session_id", "query_id",
                 "outcome", "error_type", "error_message", "feed_state")
@@ -36,12 +112,15 @@ _CAT_COLUMNS = ("kernel_session", *_KEY_COLUMNS)
 #: Column order of the DataFrame and of the SQLite table.
 COLUMNS = ("seq", "kernel_session", "connection", "socket", "worker_pid", "worker_version", "op",
            "session_id", "query_id", "sent_at", "latency_ms", "outcome", "error_type",
-           "error_message", "request_bytes", "response_bytes", "feed_state")
+           "error_message", "request_bytes", "response_bytes", "feed_state", *_COUNT_COLUMNS)
 _SQL_COLUMNS = tuple("sent_ns" if c == "sent_at" else c for c in COLUMNS)
 _RESULT_FIELDS = tuple(_KEY_COLUMNS.index(c) for c in
                        ("outcome", "feed_state", "error_type", "error_message"))
 
 _RowKey = tuple[str | None, ...]
+
+#: Seconds between background writes (a row reaches SQLite within about this long).
+WRITE_INTERVAL = 0.5
 
 
 def default_path() -> Path | None:
@@ -52,27 +131,45 @@ def default_path() -> Path | None:
     return home() / "history.sqlite"
 
 
+class _FlushRequest:
+    """One ``flush()`` waiting for the writer: set when a write covering it is done."""
+
+    __slots__ = ("done", "written")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.written = 0
+
+
 class History:
     """This kernel's request history, and the SQLite file shared by all kernels.
 
     Numbers go to ``array.array`` columns; a row's strings form one tuple that is
     interned (requests of a session repeat it), so a row costs one dict lookup
-    and six appends to record, and about 44 bytes to keep.
+    and a few appends to record. Only the writer thread writes to SQLite.
     """
 
-    def __init__(self, path: Path | None = None, *, kernel_session: str | None = None) -> None:
+    def __init__(self, path: Path | None = None, *, kernel_session: str | None = None,
+                 interval: float = WRITE_INTERVAL) -> None:
         self.path = path
         self.kernel_session = kernel_session or uuid.uuid4().hex[:12]
-        self._pid = array.array("q")
+        self.interval = interval
+        self._pid = array.array("i")
         self._sent = array.array("q")
         self._req = array.array("q")
         self._resp = array.array("q")
-        self._latency = array.array("d")
+        self._counts = array.array("q")  # 4 per row, in Counts order
         self._kid = array.array("i")
+        self._latency = array.array("d")  # appended last: its length is the row count
         self._keys: list[_RowKey] = []
         self._key_ids: dict[_RowKey, int] = {}
         self._flushed = 0
         self._dirty: set[int] = set()
+        self._lock = threading.Lock()  # update() vs the writer's snapshot
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._requests: list[_FlushRequest] = []
+        self._writer: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
 
     def __len__(self) -> int:
@@ -87,21 +184,23 @@ class History:
 
     def record(
         self,
+        *,
         connection: str,
         socket: str,
         worker_pid: int,
         worker_version: str | None,
         op: str,
-        session_id: str | None,
-        query_id: str | None,
         sent_ns: int,
         latency_ms: float,
-        outcome: str,
-        error_type: str | None,
-        error_message: str | None,
-        request_bytes: int,
-        response_bytes: int,
-        feed_state: str | None,
+        outcome: Outcome,
+        session_id: str | None = None,
+        query_id: str | None = None,
+        error_type: str | None = None,
+        error_message: str | None = None,
+        request_bytes: int = 0,
+        response_bytes: int = 0,
+        feed_state: str | None = None,
+        counts: Counts | None = None,
     ) -> int:
         """Append one request's row; returns its sequence number (its row index)."""
         key = (connection, socket, worker_version, op, session_id, query_id, outcome,
@@ -115,29 +214,38 @@ class History:
         self._sent.append(sent_ns)
         self._req.append(request_bytes)
         self._resp.append(response_bytes)
+        self._counts.extend(counts or _NO_COUNTS)
         self._latency.append(latency_ms)
+        if self._writer is None and self.path is not None:
+            self._start_writer()
         return seq
 
-    def update(self, seq: int, *, latency_ms: float, outcome: str, response_bytes: int,
+    def update(self, seq: int, *, latency_ms: float, outcome: Outcome, response_bytes: int,
                feed_state: str | None, error_type: str | None = None,
-               error_message: str | None = None) -> None:
+               error_message: str | None = None, counts: Counts | None = None) -> None:
         """Rewrite the result of row ``seq`` (a late reply to a request that gave up)."""
         key = list(self._keys[self._kid[seq]])
         for index, value in zip(_RESULT_FIELDS, (outcome, feed_state, error_type,
                                                  error_message), strict=True):
             key[index] = value
-        self._kid[seq] = self._intern(tuple(key))
-        self._latency[seq] = latency_ms
-        self._resp[seq] = response_bytes
-        if seq < self._flushed:
+        with self._lock:
+            self._kid[seq] = self._intern(tuple(key))
+            self._latency[seq] = latency_ms
+            self._resp[seq] = response_bytes
+            if counts is not None:
+                self._counts[4 * seq:4 * seq + 4] = array.array("q", counts)
             self._dirty.add(seq)
 
     def row(self, seq: int) -> dict[str, Any]:
-        """One row as a dict (for display, SQLite and tests)."""
-        out: dict[str, Any] = dict(zip(_KEY_COLUMNS, self._keys[self._kid[seq]], strict=True))
+        """One row as a dict (for display, SQLite and tests); missing counts are None."""
+        key = self._keys[self._kid[seq]]
+        out: dict[str, Any] = {name: None if value is None else str(value)
+                               for name, value in zip(_KEY_COLUMNS, key, strict=True)}
         out.update(seq=seq, kernel_session=self.kernel_session, worker_pid=self._pid[seq],
                    sent_ns=self._sent[seq], request_bytes=self._req[seq],
                    response_bytes=self._resp[seq], latency_ms=self._latency[seq])
+        for name, value in zip(_COUNT_COLUMNS, self._counts[4 * seq:4 * seq + 4], strict=True):
+            out[name] = None if value < 0 else value
         return out
 
     # ------------------------------------------------------------- DataFrame
@@ -155,23 +263,28 @@ class History:
             return self._from_sql()
         n = len(self)
 
-        def ints(column: array.array[int]) -> Any:
-            return np.frombuffer(column, dtype=np.int64, count=n).copy()
+        def ints(column: array.array[int], dtype: Any = np.int64) -> Any:
+            return np.frombuffer(column, dtype=dtype, count=n).astype(np.int64)
 
         kids = np.frombuffer(self._kid, dtype=np.int32, count=n)
         data: dict[str, Any] = {
             "seq": np.arange(n, dtype=np.int64),
             "kernel_session": pd.Categorical.from_codes(
                 np.zeros(n, dtype=np.int8), categories=pd.Index([self.kernel_session])),
-            "worker_pid": ints(self._pid),
+            "worker_pid": ints(self._pid, np.int32),
             "sent_at": pd.DatetimeIndex(ints(self._sent).view("datetime64[ns]"), tz="UTC"),
             "latency_ms": np.frombuffer(self._latency, dtype=np.float64, count=n).copy(),
             "request_bytes": ints(self._req),
             "response_bytes": ints(self._resp),
         }
+        counts = np.frombuffer(self._counts, dtype=np.int64, count=4 * n).reshape(n, 4)
+        for j, name in enumerate(_COUNT_COLUMNS):
+            values = counts[:, j].copy()
+            data[name] = pd.arrays.IntegerArray(values, values < 0)
         for j, name in enumerate(_KEY_COLUMNS):
             per_key, categories = pd.factorize(
-                pd.Series([key[j] for key in self._keys], dtype=object), use_na_sentinel=True)
+                pd.Series([None if key[j] is None else str(key[j]) for key in self._keys],
+                          dtype=object), use_na_sentinel=True)
             codes = per_key[kids] if len(per_key) else np.zeros(0, dtype=np.int64)
             data[name] = pd.Categorical.from_codes(codes, categories=pd.Index(categories),
                                                    validate=False)
@@ -181,13 +294,20 @@ class History:
     def _from_sql(self) -> pd.DataFrame:
         import pandas as pd
 
-        db = self._connect()
-        df = pd.read_sql_query(f"SELECT {', '.join(_SQL_COLUMNS)} FROM requests "
-                               "ORDER BY sent_ns, seq", db)
+        assert self.path is not None
+        try:
+            with contextlib.closing(sqlite3.connect(self.path, timeout=10)) as db:
+                df = pd.read_sql_query(f"SELECT {', '.join(_SQL_COLUMNS)} FROM requests "
+                                       "ORDER BY sent_ns, seq", db)
+        except sqlite3.Error as exc:
+            raise HistoryError(f"cannot read the history database {self.path}: {exc}; "
+                               "set POOL_NOTEBOOK_HISTORY to another file, or off") from exc
         df.insert(COLUMNS.index("sent_at"), "sent_at",
                   pd.to_datetime(df.pop("sent_ns").astype("int64"), unit="ns", utc=True))
         for name in _CAT_COLUMNS:
             df[name] = df[name].astype("category")
+        for name in _COUNT_COLUMNS:
+            df[name] = df[name].astype("Int64")
         df["latency_ms"] = df["latency_ms"].astype("float64")
         ordered: pd.DataFrame = df[list(COLUMNS)]
         return ordered
@@ -195,48 +315,138 @@ class History:
     # ----------------------------------------------------------------- SQLite
 
     def _connect(self) -> sqlite3.Connection:
+        """The writer's database connection (created on the writer thread)."""
         if self._db is None:
             assert self.path is not None
             # mkdir, not ensure_private_dir: the user may point this into a shared dir
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            db = sqlite3.connect(self.path, timeout=10)
+            db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
             with contextlib.suppress(OSError):
                 os.chmod(self.path, 0o600)
             db.execute("PRAGMA journal_mode=WAL")
-            cols = ", ".join(
-                f"{c} {'REAL' if c == 'latency_ms' else 'INTEGER' if c in _INT_COLUMNS else 'TEXT'}"
-                for c in _SQL_COLUMNS)
-            db.execute(f"CREATE TABLE IF NOT EXISTS requests ({cols}, "
+            types = {c: "REAL" if c == "latency_ms" else "INTEGER" if c in _INT_COLUMNS
+                     else "TEXT" for c in _SQL_COLUMNS}
+            db.execute(f"CREATE TABLE IF NOT EXISTS requests "
+                       f"({', '.join(f'{c} {t}' for c, t in types.items())}, "
                        "PRIMARY KEY (kernel_session, seq))")
+            have = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+            for column in _SQL_COLUMNS:  # files written by an older version
+                if column not in have:
+                    db.execute(f"ALTER TABLE requests ADD COLUMN {column} {types[column]}")
             self._db = db
         return self._db
 
-    def _sql_rows(self, seqs: Iterable[int]) -> list[tuple[Any, ...]]:
-        return [tuple(row[c] for c in _SQL_COLUMNS) for row in map(self.row, seqs)]
+    def _snapshot(self) -> tuple[int, list[tuple[Any, ...]]]:
+        """Rows recorded or updated since the last write, as SQL tuples."""
+        with self._lock:
+            n = len(self)
+            seqs = sorted(self._dirty.union(range(self._flushed, n)))
+            self._dirty.clear()
+            rows = [tuple(row[c] for c in _SQL_COLUMNS) for row in map(self.row, seqs)]
+        return n, rows
 
-    def flush(self) -> int:
-        """Write rows recorded (or updated) since the last flush; returns how many."""
+    def _write(self) -> int:
+        """Writer thread: copy pending rows to SQLite; returns how many were written."""
+        n, rows = self._snapshot()
+        if rows:
+            marks = ", ".join("?" * len(_SQL_COLUMNS))
+            try:
+                db = self._connect()
+                with db:
+                    db.executemany(f"INSERT OR REPLACE INTO requests "
+                                   f"({', '.join(_SQL_COLUMNS)}) VALUES ({marks})", rows)
+            except (sqlite3.Error, OSError) as exc:
+                log.warning("pool_notebook history: cannot write %s (%s); will retry",
+                            self.path, exc)
+                with self._lock:
+                    self._dirty.update(row[0] for row in rows)
+                return 0
+        self._flushed = n
+        return len(rows)
+
+    def _run_writer(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            with self._lock:
+                requests, self._requests = self._requests, []
+            written = self._write()
+            for request in requests:
+                request.written = written
+                request.done.set()
+            if self._stop.is_set():
+                return
+
+    def _start_writer(self) -> None:
+        self._writer = threading.Thread(target=self._run_writer, daemon=True,
+                                        name="pool_notebook-history")
+        self._writer.start()
+        _live.add(self)
+        atexit.register(self.close)
+        _install_sigterm_flush()
+
+    def flush(self, *, wait: bool = True, timeout: float = 30.0) -> int:
+        """Write pending rows now; with ``wait``, returns how many rows that write wrote."""
         if self.path is None:
             self._flushed = len(self)
             return 0
-        seqs = sorted(self._dirty | set(range(self._flushed, len(self))))
-        if not seqs:
-            return 0
-        db = self._connect()
-        marks = ", ".join("?" * len(_SQL_COLUMNS))
-        with db:
-            db.executemany(f"INSERT OR REPLACE INTO requests ({', '.join(_SQL_COLUMNS)}) "
-                           f"VALUES ({marks})", self._sql_rows(seqs))
-        self._flushed = len(self)
-        self._dirty.clear()
-        return len(seqs)
+        if self._writer is None or not self._writer.is_alive():
+            if not len(self) and not self._dirty:
+                return 0
+            self._start_writer()
+        request = _FlushRequest()
+        with self._lock:
+            self._requests.append(request)
+        self._wake.set()
+        if wait and not request.done.wait(timeout):
+            raise HistoryError(f"the history writer did not finish within {timeout:g}s "
+                               f"(database {self.path} locked by another process?)")
+        return request.written
 
     def close(self) -> None:
-        """Flush and close the database."""
-        self.flush()
+        """Write everything still pending and stop the writer (safe to call twice)."""
+        writer = self._writer
+        if writer is not None and writer.is_alive():
+            self._stop.set()
+            self._wake.set()
+            if writer is not threading.current_thread():
+                writer.join(30.0)
+        self._writer = None
+        self._stop.clear()
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+        _live.discard(self)
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+_live: weakref.WeakSet[History] = weakref.WeakSet()
+_previous_sigterm: Any = None
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """Flush every history, then terminate as the previous handler would."""
+    for history in list(_live):
+        history.close()
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _install_sigterm_flush() -> None:
+    """Once, from the main thread: flush histories on SIGTERM (unless it is ignored)."""
+    global _previous_sigterm
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGTERM)
+    if current is _on_sigterm or current in (signal.SIG_IGN, None):
+        return
+    _previous_sigterm = current
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -249,21 +459,3 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     out["error_rate"] = errors
     table: pd.DataFrame = out[["count", "error_rate", "p50_ms", "p95_ms", "p99_ms"]]
     return table
-
-
-def plot(df: pd.DataFrame) -> Any:
-    """Latency over time and its distribution (needs matplotlib: ``pip install matplotlib``)."""
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("plotting history needs matplotlib: pip install "
-                          "'pool-notebook[plot]'") from exc
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
-    for (conn, op), group in df.groupby(["connection", "op"], observed=True):
-        ax1.plot(group["sent_at"], group["latency_ms"], ".", ms=3, label=f"{conn}:{op}")
-        ax2.hist(group["latency_ms"], bins=40, alpha=0.6, label=f"{conn}:{op}")
-    ax1.set(title="latency over time", ylabel="ms")
-    ax2.set(title="latency distribution", xlabel="ms")
-    ax1.legend(fontsize="small")
-    fig.tight_layout()
-    return fig

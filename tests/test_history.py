@@ -1,26 +1,56 @@
-"""History: one row per request, dtypes, late-reply updates, SQLite across kernels."""
+"""History: one row per request, dtypes, late-reply updates, counts, durable SQLite."""
 
 from __future__ import annotations
 
 import os
+import signal
+import sqlite3
 import stat
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import pytest
 
-from pool_notebook.history import COLUMNS, History, summary
+from pool_notebook.history import (
+    COLUMNS,
+    Counts,
+    History,
+    Outcome,
+    counts_from_metrics,
+    counts_from_usage,
+    summary,
+)
 
 _clock = iter(range(1_700_000_000_000_000_000, 1_800_000_000_000_000_000, 1000))
 
 
-def _add(h: History, op: str = "status", outcome: str = "ok", latency: float = 1.0) -> int:
-    return h.record("w0", "/s.sock", 42, "0.1.0", op, "s-1", None, next(_clock),
-                    latency, outcome, None, None, 16, 100, None)
+def _add(h: History, op: str = "status", outcome: Outcome = Outcome.OK, latency: float = 1.0,
+         counts: Counts | None = None) -> int:
+    return h.record(connection="w0", socket="/s.sock", worker_pid=42, worker_version="0.1.0",
+                    op=op, session_id="s-1", sent_ns=next(_clock), latency_ms=latency,
+                    outcome=outcome, request_bytes=16, response_bytes=100, counts=counts)
+
+
+def _sql_rows(path: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT seq, op, outcome, llm_calls FROM requests ORDER BY seq"
+                          ).fetchall()
+
+
+def test_outcome_is_a_string_enum() -> None:
+    assert Outcome("late_reply") is Outcome.LATE_REPLY
+    assert Outcome.OK == "ok" and str(Outcome.OK) == "ok" and f"{Outcome.TIMEOUT}" == "timeout"
+    assert {"ok": 1}[Outcome.OK] == 1  # hashes as its value: usable as a dict key for "ok"
 
 
 def test_frame_dtypes_and_values() -> None:
     h = History(None, kernel_session="k1")
-    assert _add(h) == 0 and _add(h, "run", "worker_error", 3.0) == 1
+    assert _add(h) == 0 and _add(h, "run", Outcome.WORKER_ERROR, 3.0) == 1
     df = h.frame()
     assert list(df.columns) == list(COLUMNS)
     assert str(df["sent_at"].dtype) == "datetime64[ns, UTC]"
@@ -30,22 +60,51 @@ def test_frame_dtypes_and_values() -> None:
         assert isinstance(df[name].dtype, pd.CategoricalDtype), name
     assert df["latency_ms"].tolist() == [1.0, 3.0] and df["seq"].tolist() == [0, 1]
     assert df["op"].tolist() == ["status", "run"] and df["feed_state"].isna().all()
+    assert df["outcome"].tolist() == ["ok", "worker_error"]
+    assert type(df["outcome"].cat.categories[0]) is str  # plain strings, not the enum
+    assert str(df["llm_calls"].dtype) == "Int64" and df["llm_calls"].isna().all()
     assert h.frame().shape == (2, len(COLUMNS)) and History(None).frame().empty
     table = summary(df)
     assert table.loc[("w0", "run"), "error_rate"] == 1.0
     assert table.loc[("w0", "status"), "count"] == 1
 
 
+def test_counts_from_both_metrics_shapes_and_usage() -> None:
+    algocline = {"auto": {"elapsed_ms": 12, "llm_calls": 3, "pauses": 2, "rounds": 2,
+                          "prompt_tokens": {"tokens": 40, "source": "estimated"},
+                          "response_tokens": {"tokens": 9, "source": "provided"},
+                          "total_tokens": {"tokens": 49, "source": "estimated"}},
+                 "custom": {"score": 1}}
+    assert counts_from_metrics(algocline) == Counts(3, 2, 40, 9)
+    older = {"wall_ms": 5.0, "llm_rounds": 1, "llm_queries": 2,
+             "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+    assert counts_from_metrics(older) == Counts(2, 1, 7, 3)
+    assert counts_from_metrics({"wall_ms": 1.0}) == Counts()  # nothing reported
+    assert counts_from_metrics({}) is None and counts_from_usage(None) is None
+    assert counts_from_usage({"prompt_tokens": 5, "completion_tokens": None}) == \
+        Counts(prompt_tokens=5)
+    assert counts_from_usage({"prompt_tokens": True, "completion_tokens": -4}) == Counts()
+    h = History(None)
+    _add(h, "continue", counts=counts_from_metrics(algocline))
+    _add(h)
+    df = h.frame()
+    assert df["llm_calls"].tolist() == [3, pd.NA] and df["completion_tokens"].tolist() == \
+        [9, pd.NA]
+    assert h.row(0)["prompt_tokens"] == 40 and h.row(1)["rounds"] is None
+
+
 def test_late_reply_updates_the_same_row(tmp_path: Path) -> None:
     h = History(tmp_path / "h.sqlite", kernel_session="k1")
-    seq = _add(h, "run", "timeout", 50.0)
+    seq = _add(h, "run", Outcome.TIMEOUT, 50.0)
     assert h.flush() == 1
-    h.update(seq, latency_ms=900.0, outcome="late_reply", response_bytes=77,
-             feed_state="completed")
+    h.update(seq, latency_ms=900.0, outcome=Outcome.LATE_REPLY, response_bytes=77,
+             feed_state="completed", counts=Counts(llm_calls=1))
     assert len(h) == 1 and h.row(seq)["outcome"] == "late_reply"
     assert h.flush() == 1  # the flushed row is rewritten, not duplicated
     df = h.frame(all_sessions=True)
     assert df["outcome"].tolist() == ["late_reply"] and df["response_bytes"].tolist() == [77]
+    assert df["llm_calls"].tolist() == [1]
+    h.close()
 
 
 def test_sqlite_keeps_every_kernel_session(tmp_path: Path) -> None:
@@ -63,4 +122,88 @@ def test_sqlite_keeps_every_kernel_session(tmp_path: Path) -> None:
     assert everything["op"].tolist() == ["status", "run", "shutdown"]
     assert str(everything["sent_at"].dtype) == "datetime64[ns, UTC]"
     assert isinstance(everything["op"].dtype, pd.CategoricalDtype)
+    assert str(everything["llm_calls"].dtype) == "Int64"
+    second.close()
     assert History(None).flush() == 0  # persistence off: nothing written
+
+
+def test_file_from_an_older_version_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # the table as the previous release created it
+        db.execute("CREATE TABLE requests (seq INTEGER, kernel_session TEXT, op TEXT, "
+                   "sent_ns INTEGER, PRIMARY KEY (kernel_session, seq))")
+        db.execute("INSERT INTO requests VALUES (0, 'old', 'status', 1)")
+    h = History(path, kernel_session="new")
+    _add(h, "run", counts=Counts(2, 1, 10, 5))
+    df = h.frame(all_sessions=True)
+    assert df["kernel_session"].tolist() == ["old", "new"]
+    assert df["llm_calls"].tolist() == [pd.NA, 2]
+    h.close()
+
+
+_SCRIPT = textwrap.dedent("""
+    import asyncio, sys, time
+    import pool_notebook
+
+    async def main(n):
+        conn = await pool_notebook.connect()
+        for _ in range(n):
+            await conn.send("status")
+        print("done", flush=True)
+        await asyncio.sleep(60)
+
+    asyncio.run(main(int(sys.argv[1])))
+""")
+
+_EXIT_SCRIPT = textwrap.dedent("""
+    import asyncio, sys
+    import pool_notebook
+
+    async def main(n):
+        conn = await pool_notebook.connect()
+        for _ in range(n):
+            await conn.send("status")
+        await conn.shutdown()
+
+    asyncio.run(main(int(sys.argv[1])))
+""")
+
+
+def _start(script: str, n: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", script, str(n)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "done\n", "the script did not finish its requests"
+    return proc
+
+
+def _status_rows(path: Path) -> int:
+    return sum(1 for _seq, op, outcome, _ in _sql_rows(path) if op == "status" and
+               outcome == "ok")
+
+
+@pytest.mark.usefixtures("pool_home")
+def test_sigkill_after_a_quiet_second_loses_nothing() -> None:
+    path = Path(os.environ["POOL_NOTEBOOK_HISTORY"])
+    proc = _start(_SCRIPT, 300)
+    time.sleep(1.2)  # >= 1 s without requests: every row must be in SQLite by now
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _status_rows(path) == 300
+
+
+@pytest.mark.usefixtures("pool_home")
+def test_sigterm_right_after_the_requests_loses_nothing() -> None:
+    path = Path(os.environ["POOL_NOTEBOOK_HISTORY"])
+    proc = _start(_SCRIPT, 300)
+    proc.send_signal(signal.SIGTERM)  # no quiet time: the handler must flush
+    assert proc.wait() == -signal.SIGTERM  # and still die of SIGTERM
+    assert _status_rows(path) == 300
+
+
+@pytest.mark.usefixtures("pool_home")
+def test_interpreter_exit_loses_nothing() -> None:
+    path = Path(os.environ["POOL_NOTEBOOK_HISTORY"])
+    subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, "500"], check=True)
+    rows = _sql_rows(path)
+    assert _status_rows(path) == 500 and rows[-1][1] == "shutdown" and len(rows) == 501

@@ -1,0 +1,217 @@
+"""Session: pauses, answers in any order, answer_all concurrency, responder failures.
+
+Everything runs against the bundled worker over its real socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from pool_notebook import protocol as proto
+from pool_notebook.connections import Connection, ConnectionManager
+from pool_notebook.errors import (
+    InvalidArgument,
+    ResponderError,
+    SessionNotPaused,
+    WorkerError,
+)
+from pool_notebook.history import History, Outcome, counts_from_metrics
+from pool_notebook.session import Answer, Session, SessionState, resolve_responder
+
+pytestmark = pytest.mark.usefixtures("pool_home")
+
+THREE = """
+local answers = alc.llm_batch({{prompt = "a?"}, {prompt = "b?"}, {prompt = "c?"}})
+return table.concat(answers, ",")
+"""
+TWO_ROUNDS = """
+local first = alc.llm("first?")
+local second = alc.llm("second " .. first .. "?")
+return first .. "+" .. second
+"""
+
+
+def _drive(body: Callable[[Connection], Awaitable[None]]) -> None:
+    """Run ``body`` with a fresh manager (in-memory history) and a spawned worker."""
+    async def main() -> None:
+        manager = ConnectionManager(History(None))
+        conn = await manager.connect()
+        try:
+            await body(conn)
+        finally:
+            await conn.shutdown()
+            manager.close_all()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_answers_in_any_order_with_observers() -> None:
+    async def body(conn: Connection) -> None:
+        session = await conn.run(THREE)
+        assert isinstance(session, Session) and conn.session is session
+        assert session.state is SessionState.PAUSED and session.id is not None
+        assert [q.prompt for q in session.pending] == ["a?", "b?", "c?"]
+        assert session.code == THREE and session.pauses == 1 and not session.done
+        seen: list[tuple[SessionState, int]] = []
+        stop = session.observe(lambda s: seen.append((s.state, len(s.pending))))
+        ids = [q.id for q in session.pending]
+        await session.answer("B", ids[1])
+        assert [q.id for q in session.pending] == [ids[0], ids[2]]
+        await session.answer(Answer("C", usage={"prompt_tokens": 4, "completion_tokens": 1}),
+                             ids[2])
+        reply = await session.answer("A")  # no id: the first pending query
+        assert reply.ok and reply.request.query_id == ids[0]  # type: ignore[union-attr]
+        assert session.state is SessionState.COMPLETED and session.done
+        assert session.result == "A,B,C" and session.error is None and session.pending == []
+        assert counts_from_metrics(session.metrics).llm_calls == 3  # type: ignore[union-attr]
+        assert seen[0] == (SessionState.RUNNING, 2) and seen[1] == (SessionState.PAUSED, 2)
+        assert seen[-1] == (SessionState.COMPLETED, 0) and len(seen) == 6
+        stop()
+        with pytest.raises(SessionNotPaused, match="no query is waiting"):
+            await session.answer("late")
+        assert len(seen) == 6  # stopped observing
+        df = conn.history.frame()
+        row = df[df["query_id"] == ids[2]].iloc[0]
+        assert row["prompt_tokens"] == 4 and row["completion_tokens"] == 1
+        last = df.iloc[-1]  # the request that finished the session carries its metrics
+        assert last["feed_state"] == "completed" and last["llm_calls"] == 3
+
+    _drive(body)
+
+
+def test_answer_rejects_unknown_queries_and_bad_values() -> None:
+    async def body(conn: Connection) -> None:
+        session = await conn.run(TWO_ROUNDS)
+        with pytest.raises(SessionNotPaused, match="'q-99' is not pending"):
+            await session.answer("x", "q-99")
+        with pytest.raises(InvalidArgument):
+            await session.answer(42)  # type: ignore[arg-type]
+        assert len(session.steps) == 1  # nothing was sent
+        await session.answer("one")
+        assert session.state is SessionState.PAUSED and session.pending[0].prompt == \
+            "second one?"
+        await session.answer("two")
+        assert session.result == "one+two" and session.pauses == 2
+
+    _drive(body)
+
+
+def test_failed_session_and_worker_errors() -> None:
+    async def body(conn: Connection) -> None:
+        failed = await conn.run("error('boom from Lua')")
+        assert failed.state is SessionState.FAILED and failed.done
+        assert "boom from Lua" in (failed.error or "") and failed.result is None
+        session = await conn.run(THREE)
+        # a query answered behind the session's back: the worker must refuse it again
+        await conn.continue_(session.id or "", "direct", query_id=session.pending[0].id)
+        with pytest.raises(WorkerError, match="already"):
+            await session.answer("again")
+        assert session.last.outcome is Outcome.WORKER_ERROR
+        assert session.state is SessionState.PAUSED  # a refused answer changes nothing
+
+    _drive(body)
+
+
+def test_answer_all_answers_one_pause_concurrently() -> None:
+    async def body(conn: Connection) -> None:
+        started: list[str] = []
+        all_started = asyncio.Event()
+
+        async def respond(query: proto.Query) -> str:
+            started.append(query.prompt)
+            if len(started) == 3:
+                all_started.set()
+            await all_started.wait()  # would never return if answered one by one
+            return query.prompt.upper()
+
+        session = await conn.run(THREE, respond=respond)
+        assert session.state is SessionState.COMPLETED and session.result == "A?,B?,C?"
+
+    _drive(body)
+
+
+def test_sync_responders_run_in_threads_bounded_by_max_concurrency() -> None:
+    async def body(conn: Connection) -> None:
+        barrier = threading.Barrier(2, timeout=20)
+        lock = threading.Lock()
+        running = peak = 0
+
+        def respond(query: proto.Query) -> str:
+            nonlocal running, peak
+            with lock:
+                running += 1
+                peak = max(peak, running)
+            if query.prompt != "c?":
+                barrier.wait()  # a and b must be in flight together
+            with lock:
+                running -= 1
+            return query.prompt[0]
+
+        session = await conn.run(THREE)
+        await session.answer_all(respond, max_concurrency=2)
+        assert session.result == "a,b,c" and peak == 2
+        with pytest.raises(InvalidArgument):
+            await session.answer_all(respond, max_concurrency=0)
+
+    _drive(body)
+
+
+def test_responder_failure_leaves_the_session_paused_and_answerable() -> None:
+    async def body(conn: Connection) -> None:
+        session = await conn.run(TWO_ROUNDS)
+
+        def broken(query: proto.Query) -> str:
+            raise ConnectionResetError("the LLM went away")
+
+        with pytest.raises(ResponderError) as info:
+            await session.answer_all(broken)
+        assert isinstance(info.value.__cause__, ConnectionResetError)
+        assert info.value.query_id == session.pending[0].id
+        assert "still paused" in str(info.value)
+        assert session.state is SessionState.PAUSED and len(session.steps) == 1
+
+        async def wrong_type(query: proto.Query) -> Any:
+            return 7
+
+        with pytest.raises(ResponderError, match="returned int"):
+            await session.answer_all(wrong_type)
+        await session.answer_all(lambda q: "ok")
+        assert session.result == "ok+ok"
+        assert await session.answer_all(lambda q: "unused") is session  # ended: no-op
+
+    _drive(body)
+
+
+def test_answer_all_in_one_pause_keeps_answers_already_sent() -> None:
+    async def body(conn: Connection) -> None:
+        session = await conn.run(THREE)
+
+        async def one_fails(query: proto.Query) -> str:
+            if query.prompt == "b?":
+                await asyncio.sleep(0.05)  # a and c are answered first
+                raise RuntimeError("no answer for b")
+            return query.prompt
+
+        with pytest.raises(ResponderError, match="no answer for b"):
+            await session.answer_all(one_fails)
+        assert [q.prompt for q in session.pending] == ["b?"]
+        await session.answer_all(lambda q: "B")
+        assert session.result == "a?,B,c?"
+
+    _drive(body)
+
+
+def test_resolve_responder() -> None:
+    def fn(query: proto.Query) -> str:
+        return "x"
+
+    assert resolve_responder(fn) is fn and resolve_responder(None) is None
+    with pytest.raises(InvalidArgument, match="unknown responder 'gpt-4'"):
+        resolve_responder("gpt-4")
+    with pytest.raises(ValueError):  # InvalidArgument is a ValueError too
+        resolve_responder(3)  # type: ignore[arg-type]
