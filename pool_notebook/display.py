@@ -202,8 +202,10 @@ def parse_lua_error(error: str, code: str | None = None, *, first_line: int = 1)
         text = _FUNC_AT.sub(lambda f: f"<line {mapped(int(f['line']))[0]}>"
                             if f["chunk"] == chunk else f[0], raw[fm.end():])
         frames.append(LuaFrame(text, n, src))
-    if len(frames) == 1 and frames[0].line == line:
-        frames = []  # one frame at the error's own line says nothing more
+    if line is None and frames:  # raised inside a library: the user's innermost call
+        line, source = frames[0].line, frames[0].source
+    if len(frames) == 1 and frames[0].line == line and frames[0].text == "in main chunk":
+        frames = []  # says nothing the error line does not
     return LuaError(message.strip(), line, source, tuple(frames), error)
 
 

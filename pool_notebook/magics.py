@@ -33,7 +33,7 @@ from .display import SessionView, history_figure, register_formatters, widgets_e
 from .history import summary
 from .loop import runner
 from .registry import Registry
-from .session import Session
+from .session import Session, resolve_responder
 
 __all__ = ["PoolMagics"]
 
@@ -207,7 +207,8 @@ class PoolMagics(Magics):
     @argument("--all", action="store_true", help="send to every open connection concurrently")
     @argument("--timeout", type=float, help="request timeout in seconds")
     @argument("--background", action="store_true",
-              help="return at once; the reply is shown when it arrives")
+              help="return at once (a task: `await task` in a later cell); the reply is "
+              "shown when it arrives")
     @argument("--out", help="store the reply (or task / list of replies) in this variable")
     @argument("request", nargs="*", help="the request, if not given as the cell body")
     @line_cell_magic
@@ -232,7 +233,8 @@ class PoolMagics(Magics):
             return replies
         conn = self._conn(args.to)
         if args.background:
-            task = runner.schedule(conn.send(request, timeout=timeout))
+            with self._errors():
+                task = runner.background(conn.send(request, timeout=timeout), self.shell)
             self._store(args.out, task)
             handle = display(f"{conn.name}:{request.op} sent in the background…",
                              display_id=True)
@@ -270,7 +272,8 @@ class PoolMagics(Magics):
             raise UsageError("%%pool_run needs Lua code in the cell body")
         conn = self._conn(args.to)
         ctx = self._eval(args.ctx, "--ctx") if args.ctx else None
-        respond = self._responder(args.respond or self.respond)
+        with self._errors():  # an unknown spec fails before anything runs
+            respond = resolve_responder(self._responder(args.respond or self.respond))
         timeout = self._timeout(args.timeout)
         session: Session = self._run(conn.run(cell, ctx=ctx, lib_paths=args.lib,
                                               timeout=timeout))
@@ -279,6 +282,7 @@ class PoolMagics(Magics):
         if respond is not None and session.pending:
             progress = _Progress(conn.name, self.progress_after)
             stop = session.observe(progress.step)
+            progress.step(session)
             try:
                 self._run(session.answer_all(respond, timeout=timeout))
             except errors.PoolError:
@@ -391,7 +395,11 @@ class PoolMagics(Magics):
     @argument("--all-sessions", action="store_true", help="include earlier kernels (SQLite)")
     @line_magic
     def pool_history(self, line: str) -> Any:
-        """Request history as a pandas DataFrame."""
+        """Request history as a pandas DataFrame (``--summary``: percentiles per op).
+
+        ``--plot`` shows the figure (``pool_notebook.display.history_figure(df)``
+        returns it) and returns nothing, so it is drawn once with or without ``;``.
+        """
         args = _parse(self.pool_history, line)
         df = manager.history.frame(all_sessions=args.all_sessions)
         if args.to:
@@ -400,12 +408,13 @@ class PoolMagics(Magics):
             df = df[df["op"] == args.op]
         if args.last:
             df = df.tail(args.last)
-        if args.plot:
+        if args.plot:  # shown here, once, with or without a trailing ";"
             try:
-                return history_figure(df)
+                display(history_figure(df))
             except ImportError:
                 raise UsageError("--plot needs matplotlib: pip install "
                                  "'pool-notebook[plot]'") from None
+            return None
         return summary(df) if args.summary else df
 
 

@@ -65,9 +65,10 @@ def _exec(kc: Any, code: str, timeout: float = 60) -> dict[str, Any]:
 
 def test_run_all_queued_cells_all_run_in_order(kernel: Any) -> None:
     _km, kc = kernel
-    setup = _exec(kc, "%load_ext pool_notebook\nc = %pool_connect --name k\nprint(c.version)")
+    setup = _exec(kc, "import pool_notebook\n%load_ext pool_notebook\nc = %pool_connect --name k\n"
+                      "print(c.version == pool_notebook.PROTOCOL_VERSION)")
     assert setup["error"] is None, setup
-    assert setup["stdout"].strip() == "0.1.0"
+    assert setup["stdout"].strip() == "True"
     cells = [f"r = %pool_send status\nprint({i}, r.outcome, r.seq)" for i in range(8)]
     ids = [kc.execute(code) for code in cells]  # queued at once, as "Run All" does
     results = _collect(kc, ids, timeout=90)
@@ -97,10 +98,10 @@ def test_interrupt_during_slow_request_then_connection_works(kernel: Any) -> Non
 def test_widget_send_click_as_comm_message_continues_the_worker(kernel: Any) -> None:
     _km, kc = kernel
     assert _exec(kc, "%load_ext pool_notebook\n%pool_connect --name k")["error"] is None
-    cell = _exec(kc, "%%pool_run --out view\nreturn 'got ' .. alc.llm('ping?')")
+    cell = _exec(kc, "%%pool_run --out session\nreturn 'got ' .. alc.llm('ping?')")
     assert cell["error"] is None, cell
     assert any("application/vnd.jupyter.widget-view+json" in d for d in cell["data"])
-    probe = _exec(kc, "txt, btn = view._box.children[1].children[1].children\n"
+    probe = _exec(kc, "view = _\ntxt, btn = view.answer_widgets('q-0')\n"
                       "print(btn.model_id, txt.model_id)")
     assert probe["error"] is None, probe
     button_id, text_id = probe["stdout"].split()
@@ -112,11 +113,25 @@ def test_widget_send_click_as_comm_message_continues_the_worker(kernel: Any) -> 
         "comm_id": button_id, "data": {"method": "custom", "content": {"event": "click"}}})
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        out = _exec(kc, "print(view.last.result)")
+        out = _exec(kc, "print(session.result)")
         if out["stdout"].strip() == "got pong":
             break
         time.sleep(0.2)
     assert out["stdout"].strip() == "got pong"
+
+
+def test_failed_lua_and_history_plot_as_the_kernel_sends_them(kernel: Any) -> None:
+    _km, kc = kernel
+    assert _exec(kc, "%load_ext pool_notebook\n%pool_connect --name k")["error"] is None
+    failed = _exec(kc, "%%pool_run\nlocal x = 1\nerror('boom from Lua')")
+    assert failed["error"] is None, failed  # the request worked; the Lua failed, shown as such
+    page = next(d["text/html"] for d in failed["data"] if "text/html" in d)
+    head, _, rest = page.partition("boom from Lua")
+    assert "failed" in head and ">ok<" not in head
+    assert "line 3:" in rest.split("<details>")[0] and "xpcall" not in rest.split("<details>")[0]
+    plot = _exec(kc, "%pool_history --plot;")
+    assert plot["error"] is None, plot
+    assert sum("image/png" in d for d in plot["data"]) == 1
 
 
 def test_background_send_while_other_cells_run(kernel: Any) -> None:

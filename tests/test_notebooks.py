@@ -27,6 +27,12 @@ def _outputs(nb: nbformat.NotebookNode) -> list[str]:
     return [str(o) for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
 
 
+def _pngs_of_plot_cells(nb: nbformat.NotebookNode) -> list[int]:
+    """How many images each ``%pool_history --plot`` cell shows."""
+    return [sum("image/png" in o.get("data", {}) for o in cell.outputs)
+            for cell in nb.cells if cell.cell_type == "code" and "--plot" in cell.source]
+
+
 def test_quickstart_runs_and_shows_widgets_and_history(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POOL_NOTEBOOK_WIDGETS", "1")
     nb = _execute("quickstart.ipynb")
@@ -36,7 +42,12 @@ def test_quickstart_runs_and_shows_widgets_and_history(monkeypatch: pytest.Monke
     assert any("What is 2 + 2?" in o for o in outputs)
     assert any("blue apple" in o for o in outputs)
     assert any("p50_ms" in o for o in outputs)
-    assert any("image/png" in o for o in outputs)
+    assert _pngs_of_plot_cells(nb) == [1]  # drawn once
+    failed = next(c for c in nb.cells if "error('boom from Lua')" in c.source)
+    page = next(o.data["text/html"] for o in failed.outputs if "text/html" in o.get("data", {}))
+    visible = page.split("<details>")[0]
+    assert visible.index("failed") < visible.index("boom from Lua") < visible.index("line 3:")
+    assert "xpcall" not in visible
 
 
 def test_committed_notebooks_have_no_outputs() -> None:
@@ -51,7 +62,7 @@ def test_latency_notebook_runs_thousands_of_requests() -> None:
     outputs = _outputs(nb)
     assert any("requests" in o for o in outputs)
     assert any("p99_ms" in o for o in outputs)
-    assert any("image/png" in o for o in outputs)
+    assert _pngs_of_plot_cells(nb) == [1]  # "%pool_history --plot;" draws once too
 
 
 def test_interop_notebook_runs_and_says_what_it_skipped() -> None:
