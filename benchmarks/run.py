@@ -164,7 +164,7 @@ def magics_bench() -> None:
     from IPython.core.interactiveshell import InteractiveShell
 
     from pool_notebook.connections import Reply, manager
-    from pool_notebook.display import PausedSessionView
+    from pool_notebook.display import SessionView, history_figure, parse_lua_error, reply_html
     from pool_notebook.history import History
     from pool_notebook.loop import runner
 
@@ -186,15 +186,25 @@ def magics_bench() -> None:
             magic.append(time.perf_counter() - t)
     b50, m50 = _pct(bare)[0], _pct(magic)[0]
     reply: Reply = ip.run_cell_magic("pool_send", "", "status")
-    html_us = _timeit(lambda: reply._repr_html_())
+    html_us = _timeit(lambda: reply_html(reply))
     paused = runner.run(conn.run("return alc.llm('q?')"))
-    static_us = _timeit(lambda: PausedSessionView(conn, paused, use_widgets=False).html())
-    widget_us = _timeit(lambda: PausedSessionView(conn, paused, use_widgets=True), 200)
+    static_us = _timeit(lambda: SessionView(paused, use_widgets=False).html())
+    widget_us = _timeit(lambda: SessionView(paused, use_widgets=True), 200)
+    runner.run(paused.answer("done"))
+    failed = runner.run(conn.run("local x = 1\nerror('boom from Lua')"))
+    failed_us = _timeit(lambda: SessionView(failed, use_widgets=False).html())
+    parse_us = _timeit(lambda: parse_lua_error(failed.error or "", failed.code))
+    for _ in range(300):
+        ip.run_cell_magic("pool_send", "", "status")
+    frame = manager.history.frame()
+    plot_ms = _timeit(lambda: history_figure(frame)._repr_png_(), 5) / 1000
     print("\n## magics\n")
     print(f"%%pool_send status, widgets off: p50 {m50:.1f} µs vs bare client {b50:.1f} µs "
           f"through the same loop: overhead {m50 - b50:.1f} µs (target <= 1000 µs)")
     print(f"display cost: reply HTML {html_us:.0f} µs; paused-session view static "
-          f"{static_us:.0f} µs, as ipywidgets {widget_us:.0f} µs")
+          f"{static_us:.0f} µs, as ipywidgets {widget_us:.0f} µs; failed-session view "
+          f"{failed_us:.0f} µs (Lua error parse {parse_us:.0f} µs); history plot of "
+          f"{len(frame):,} rows drawn to PNG {plot_ms:.0f} ms")
     runner.run(conn.shutdown())
     ip.run_line_magic("pool_disconnect", "--all")
 
