@@ -16,7 +16,9 @@ import datetime as dt
 import fcntl
 import json
 import os
+import secrets
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +27,30 @@ from typing import Any
 from .errors import RegistryCorrupted, RegistryError
 from .security import ensure_private_dir
 
-__all__ = ["Registry", "WorkerEntry", "algocline_home", "home", "pid_alive", "pool_dir"]
+__all__ = ["LOG_FILE_ENV", "MAX_PID", "Registry", "WorkerEntry", "algocline_home", "home", "new_id",
+           "pid_alive", "pool_dir", "valid_pid"]
 
 _KNOWN = ("sid", "pid", "sock", "version", "created_at")
+#: Set by the spawner for every worker: its ``<sid>.log`` in the pool directory. The
+#: bundled worker removes that file when it exits cleanly (other workers ignore the
+#: variable; :meth:`Registry.gc` removes the logs of workers that died).
+LOG_FILE_ENV = "POOL_WORKER_LOG_FILE"
+#: The largest pid a ``pid_t`` holds (algocline treats larger ones as dead, too).
+MAX_PID = 2**31 - 1
+
+
+def new_id(prefix: str) -> str:
+    """An algocline-style id: ``<prefix>-<hex nanoseconds>-<16 hex>``.
+
+    Worker sids use ``p`` (algocline's spawner), session ids ``s``
+    (``algocline-engine``'s ``gen_session_id``).
+    """
+    return f"{prefix}-{time.time_ns():x}-{secrets.token_hex(8)}"
+
+
+def valid_pid(value: object) -> bool:
+    """True for an integer pid in 1..MAX_PID (booleans are not pids)."""
+    return type(value) is int and 0 < value <= MAX_PID
 
 
 def home() -> Path:
@@ -46,8 +69,11 @@ def pool_dir(base: Path | None = None) -> Path:
 
 
 def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs (zombies count as dead: they will never answer)."""
-    if pid <= 0:
+    """True if ``pid`` runs (zombies count as dead: they will never answer).
+
+    An invalid pid (see :func:`valid_pid`) is never alive.
+    """
+    if not valid_pid(pid):
         return False
     try:
         os.kill(pid, 0)
@@ -83,10 +109,16 @@ class WorkerEntry:
         if not isinstance(obj, dict):
             raise ValueError("an entry must be an object")
         sid, pid, sock = obj.get("sid"), obj.get("pid"), obj.get("sock")
-        if not isinstance(sid, str) or not isinstance(pid, int) or not isinstance(sock, str):
-            raise ValueError(f"entry needs sid, pid and sock: {obj!r}")
-        return cls(sid, pid, sock, str(obj.get("version", "")), str(obj.get("created_at", "")),
-                   {k: v for k, v in obj.items() if k not in _KNOWN})
+        if not isinstance(sid, str) or not isinstance(sock, str):
+            raise ValueError(f"entry needs string sid and sock: {obj!r}")
+        extra = {k: v for k, v in obj.items() if k not in _KNOWN}
+        if isinstance(pid, int) and valid_pid(pid):
+            checked = pid
+        else:  # kept as written (extra's "pid" wins in to_json); never alive: gc() drops it
+            extra["pid"] = pid
+            checked = 0
+        return cls(sid, checked, sock, str(obj.get("version", "")), str(obj.get("created_at", "")),
+                   extra)
 
     def to_json(self) -> dict[str, Any]:
         return {"sid": self.sid, "pid": self.pid, "sock": self.sock, "version": self.version,
@@ -146,7 +178,11 @@ class Registry:
         return bool(removed)
 
     def gc(self) -> list[WorkerEntry]:
-        """Prune entries whose process is gone; returns what was pruned."""
+        """Prune entries whose process is gone (or whose pid is invalid); returns them.
+
+        A pruned worker's ``<sid>.log`` beside the registry goes too: only a
+        worker that crashed leaves one behind (a clean exit removes its own).
+        """
         pruned: list[WorkerEntry] = []
 
         def prune(es: list[WorkerEntry]) -> list[WorkerEntry]:
@@ -155,6 +191,10 @@ class Registry:
             return live
 
         self._update(prune)
+        for entry in pruned:
+            if os.path.basename(entry.sid) == entry.sid and not entry.sid.startswith("."):
+                with contextlib.suppress(OSError):
+                    (self.path.parent / f"{entry.sid}.log").unlink()
         return pruned
 
     # ------------------------------------------------------------- internals
@@ -172,7 +212,7 @@ class Registry:
             if not isinstance(sessions, list):
                 raise ValueError("no 'sessions' list")
             return [WorkerEntry.from_json(e) for e in sessions]
-        except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        except (ValueError, KeyError, UnicodeDecodeError, RecursionError) as exc:
             raise RegistryCorrupted(str(self.path), str(exc)) from exc
 
     @contextlib.contextmanager

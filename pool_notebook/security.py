@@ -16,9 +16,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConnectError, InsecureSocketError
+from .errors import ConnectError, InsecureDirectoryError, InsecureSocketError
 
-__all__ = ["PeerCredentials", "check_socket_path", "ensure_private_dir", "peer_credentials"]
+__all__ = ["PeerCredentials", "check_peer", "check_socket_path", "directory_problem",
+           "ensure_private_dir", "peer_credentials"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +29,40 @@ class PeerCredentials:
     gid: int
 
 
+def directory_problem(directory: str | os.PathLike[str]) -> str | None:
+    """Why ``directory`` is not private to us (a symlink, not ours, writable by others), or None."""
+    st = os.lstat(directory)
+    if stat.S_ISLNK(st.st_mode):
+        return f"its directory {directory} is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{directory} is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"its directory {directory} belongs to uid {st.st_uid}, not to us"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"its directory {directory} is writable by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}; use a 0700 directory)")
+    return None
+
+
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) if missing and make it mode 0700; return it."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    """Create ``path`` with mode 0700 if it is missing; refuse an existing one that is not ours.
+
+    An existing directory is never chmodded (it may be ``/tmp`` or someone
+    else's): if it is a symlink, owned by another uid, or writable by group or
+    others, ``InsecureDirectoryError`` says so. Missing parents are created with
+    the default mode. Returns ``path``.
+    """
+    try:
+        path.mkdir(mode=0o700)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return ensure_private_dir(path)
+    except FileExistsError:
+        problem = directory_problem(path)
+        if problem is not None:
+            raise InsecureDirectoryError(str(path), problem) from None
+        return path
+    os.chmod(path, 0o700)  # ours, just made: the umask may have taken bits away
     return path
 
 
@@ -53,24 +84,17 @@ def check_socket_path(sock_path: str | os.PathLike[str], *, allow_insecure: bool
         raise InsecureSocketError(path, "the path exists but is not a socket")
     if allow_insecure:
         return path
-    directory = os.path.dirname(os.path.abspath(path))
-    dst = os.lstat(directory)
-    if stat.S_ISLNK(dst.st_mode):
-        raise InsecureSocketError(path, f"its directory {directory} is a symlink")
-    if dst.st_uid != os.geteuid():
-        raise InsecureSocketError(
-            path, f"its directory {directory} belongs to uid {dst.st_uid}, not to us"
-        )
-    if dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise InsecureSocketError(
-            path, f"its directory {directory} is writable by group or others "
-            f"(mode {stat.S_IMODE(dst.st_mode):04o}; use a 0700 directory)"
-        )
+    problem = directory_problem(os.path.dirname(os.path.abspath(path)))
+    if problem is not None:
+        raise InsecureSocketError(path, problem)
     return path
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
-    """The connected peer's pid/uid/gid, or None where ``SO_PEERCRED`` is unavailable."""
+    """The connected peer's pid/uid/gid, or None where ``SO_PEERCRED`` is unavailable.
+
+    Both ends ask: the client (is the worker us?) and the worker (is the client us?).
+    """
     option = getattr(socket, "SO_PEERCRED", None)
     if option is None:
         return None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import shlex
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 
 from .client import PoolClient
 from .errors import ConnectError, SpawnError
-from .registry import Registry, WorkerEntry, pool_dir
+from .registry import LOG_FILE_ENV, Registry, WorkerEntry, new_id, pool_dir
 from .security import ensure_private_dir
 
 __all__ = ["DEFAULT_COMMAND", "WorkerProcess", "new_sid", "reap_children", "spawn_and_connect",
@@ -40,7 +39,7 @@ _children: list[subprocess.Popen[bytes]] = []
 
 def new_sid() -> str:
     """A worker id like algocline's: ``p-<hex nanos>-<16 hex>``."""
-    return f"p-{time.time_ns():x}-{secrets.token_hex(8)}"
+    return new_id("p")
 
 
 def reap_children() -> None:
@@ -103,7 +102,7 @@ async def spawn_worker(
                          "sockets allow; set POOL_NOTEBOOK_HOME to a shorter directory")
     log_path = base / f"{sid}.log"
     argv = _argv(command or DEFAULT_COMMAND, sid, sock)
-    child_env = {**os.environ, **(env or {})}
+    child_env = {**os.environ, LOG_FILE_ENV: str(log_path), **(env or {})}
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(

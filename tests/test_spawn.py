@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from pathlib import Path
 
 import pytest
 
 from pool_notebook import SpawnError
 from pool_notebook.registry import pid_alive
-from pool_notebook.spawn import _children, new_sid, reap_children, spawn_worker
+from pool_notebook.spawn import (
+    _children,
+    new_sid,
+    reap_children,
+    spawn_and_connect,
+    spawn_worker,
+)
 from tests.fakes import run
 
 pytestmark = pytest.mark.usefixtures("pool_home")
@@ -32,12 +40,16 @@ def test_worker_that_dies_reports_status_and_stderr() -> None:
 
 def test_worker_that_never_creates_its_socket_is_stopped() -> None:
     async def main() -> None:
+        before = list(_children)
         with pytest.raises(SpawnError, match="did not create") as info:
             await spawn_worker("{python} -c \"print('waiting', flush=True); "
                                "import time; time.sleep(60)\"", timeout=0.5)
         assert "waiting" in info.value.stderr_tail
+        (child,) = [p for p in _children if p not in before]
+        assert child.returncode is not None  # stopped and waited for: no zombie
+        assert not pid_alive(child.pid)
         reap_children()
-        assert all(p.returncode is not None or p.poll() is not None for p in _children)
+        assert child not in _children
     run(main())
 
 
@@ -61,4 +73,21 @@ def test_exited_workers_are_reaped() -> None:
                 break
             time.sleep(0.02)
         assert not pid_alive(w.pid)  # exited and reaped, not a zombie
+    run(main())
+
+
+def test_clean_exit_removes_the_spawned_workers_log(pool_home: Path) -> None:
+    async def main() -> None:
+        client, worker = await spawn_and_connect()
+        assert Path(worker.log_path).exists()
+        async with client:
+            await client.shutdown()
+        for _ in range(500):
+            reap_children()
+            if not pid_alive(worker.pid):
+                break
+            await asyncio.sleep(0.02)
+        assert not pid_alive(worker.pid)
+        assert not Path(worker.log_path).exists()
+        assert not Path(worker.sock).exists()
     run(main())
