@@ -1,46 +1,155 @@
-"""The Lua sandbox of the bundled worker: what sandboxed code may reach.
+"""The Lua sandbox of the bundled worker: a capability allowlist, on by default.
 
-:func:`install_sandbox` runs once per Lua runtime, before any user code.
+:func:`install_sandbox` runs ``sandbox.lua`` once per Lua runtime, before any
+user code. The global table is emptied and refilled with fresh tables holding
+only granted functions (see ``docs/sandbox.md``): the base library without
+C loading or binary chunks, ``string``/``table``/``math``/``utf8``/``coroutine``,
+``os.time/clock/date/difftime``, an ``os.getenv`` that answers ``ALC_*`` names
+and the names in :attr:`SandboxPolicy.allow_env`, read-only ``io`` for files
+under the readable roots, and ``print``/``io.write``/``io.stderr`` into the
+session log. This module holds the host side of those grants: the realpath
+check every file read goes through, the environment filter and the log sink.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
-__all__ = ["install_sandbox"]
+from ..errors import InvalidArgument
+from ..registry import algocline_home
 
-# Strips what a sandbox must not offer and installs a text-only module searcher
-# (binary chunks can crash the VM).
-_SANDBOX = r"""
-local host = ...
-os.execute, os.exit, os.remove, os.rename, os.tmpname, os.getenv, os.setlocale =
-  nil, nil, nil, nil, nil, nil, nil
-io = nil
-package.loadlib, package.cpath = nil, ""
-string.dump = nil
-loadfile, dofile = nil, nil
-debug = { traceback = debug.traceback }
-local raw_load = load
-load = function(chunk, name, _, ...)
-  if select("#", ...) > 0 then return raw_load(chunk, name, "t", ...) end
-  return raw_load(chunk, name, "t")
-end
-package.searchers = {
-  package.searchers[1],
-  function(name)
-    local path, err = package.searchpath(name, package.path)
-    if not path then return "\n\t" .. err end
-    local source = host.read_source(path)
-    local fn, lerr = raw_load(source, "@" .. path, "t")
-    if not fn then error(lerr, 0) end
-    return fn, path
-  end,
-}
-"""
+__all__ = ["LogSink", "Sandbox", "SandboxPolicy", "install_sandbox", "module_path",
+           "package_dirs"]
+
+log = logging.getLogger("pool_notebook.worker.lua")
+
+#: ``(level, source, message)``: where ``print``, ``io.write`` and ``warn`` output goes.
+LogSink = Callable[[str, str, str], None]
+
+#: Files readable wherever they are (flow/util.lua seeds its RNG from here).
+_DEVICES = frozenset({"/dev/urandom"})
+
+_OUTSIDE = ("is outside the directories the sandbox may read (lib_paths, the package "
+            "directories, the scenarios directory; run the worker with --no-sandbox or "
+            "put the file under lib_paths)")
+_NOT_FILE = "is not a regular file (the sandbox reads regular files only)"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def install_sandbox(lua: Any, host: Any, *, lib_paths: Sequence[str] = ()) -> None:
-    """Restrict ``lua`` (a ``lupa`` runtime) before user code runs in it."""
-    del lib_paths  # not used yet: the file capabilities will be granted per path
-    lua.execute(_SANDBOX, host)
+def package_dirs() -> tuple[str, ...]:
+    """Where algocline packages live, in its order: ``$ALC_PACKAGES_PATH``, then
+    ``<ALC_HOME or ~/.algocline>/packages`` (existing directories only)."""
+    listed = [p for p in os.environ.get("ALC_PACKAGES_PATH", "").split(os.pathsep) if p]
+    listed.append(str(algocline_home() / "packages"))
+    return tuple(dict.fromkeys(p for p in listed if os.path.isdir(p)))
+
+
+def _templates(dirs: Iterable[str]) -> str:
+    return ";".join(f"{d}/?.lua;{d}/?/init.lua" for d in dirs)
+
+
+def module_path(lib_paths: Sequence[str] = ()) -> str:
+    """The ``package.path`` part ``require`` searches first: ``lib_paths``, then
+    :func:`package_dirs` (for ``--no-sandbox`` runtimes; the sandbox sets its own)."""
+    return _templates([*lib_paths, *package_dirs()])
+
+
+def _default_log(level: str, source: str, message: str) -> None:
+    number = logging.WARNING if level == "warn" else logging.INFO
+    log.log(number, "[%s] %s", source, message)
+
+
+@dataclass(frozen=True)
+class SandboxPolicy:
+    """What sandboxed Lua may use beyond the pure libraries (worker-wide).
+
+    ``allow_env``: environment names ``os.getenv`` answers besides ``ALC_*``
+    (the worker's ``--allow-env NAME``). ``log``: receives ``print``/``io.write``
+    (level ``info``) and ``io.stderr:write``/``warn`` (level ``warn``) output.
+    ``package_dirs`` and ``scenarios_dir`` are readable (and the former
+    searched by ``require``) besides each session's ``lib_paths``.
+    """
+
+    allow_env: frozenset[str] = frozenset()
+    log: LogSink = _default_log
+    package_dirs: tuple[str, ...] = field(default_factory=package_dirs)
+    scenarios_dir: str = field(default_factory=lambda: str(algocline_home() / "scenarios"))
+
+    def __post_init__(self) -> None:
+        bad = sorted(n for n in self.allow_env if not _ENV_NAME.fullmatch(n))
+        if bad:
+            raise InvalidArgument(f"--allow-env: {', '.join(map(repr, bad))} is not an "
+                                  "environment variable name (letters, digits and _)")
+
+    def getenv(self, name: str) -> str | None:
+        """The value ``os.getenv(name)`` gives sandboxed code (``None``: not granted)."""
+        if name.startswith("ALC_") or name in self.allow_env:
+            return os.environ.get(name)
+        return None
+
+
+class Sandbox:
+    """The sandbox installed in one Lua runtime (see :func:`install_sandbox`)."""
+
+    def __init__(self, lua: Any, policy: SandboxPolicy) -> None:
+        self.policy = policy
+        self._roots = [os.path.realpath(d) for d in (*policy.package_dirs, policy.scenarios_dir)]
+        source = resources.files(__package__).joinpath("sandbox.lua").read_text("utf-8")
+        chunk = lua.eval("load")(source, "=[sandbox]", "t")
+        host = lua.table_from({"resolve": self.resolve, "getenv": policy.getenv,
+                               "log": policy.log,
+                               "devices": lua.table_from(dict.fromkeys(_DEVICES, True))})
+        self._prepend_path: Callable[[str], None] = chunk(host)
+        self._prepend_path(_templates(policy.package_dirs))
+
+    def add_lib_paths(self, lib_paths: Sequence[str]) -> None:
+        """Make ``lib_paths`` readable and search them first in ``require``."""
+        if lib_paths:
+            self._roots[:0] = [os.path.realpath(p) for p in lib_paths]
+            self._prepend_path(_templates(lib_paths))
+
+    def resolve(self, path: str) -> str:
+        """The real path if sandboxed code may read ``path``, else why not
+        (``"missing"``: a missing file inside the roots). Symlinks are resolved
+        first, so a link under a root that points outside is outside."""
+        try:
+            real = os.path.realpath(path)
+        except (ValueError, OSError):  # NUL byte, symlink loop
+            return "is not a usable path"
+        if real in _DEVICES:
+            return real
+        if not any(_under(real, root) for root in self._roots):
+            return _OUTSIDE
+        try:
+            mode = os.stat(real).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return "missing"
+        except OSError:  # e.g. permission denied: io.open reports it as Lua would
+            return real
+        return real if stat.S_ISREG(mode) else _NOT_FILE
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def install_sandbox(lua: Any, policy: SandboxPolicy | None = None, *,
+                    lib_paths: Sequence[str] = ()) -> Sandbox:
+    """Replace the globals of ``lua`` (a fresh ``lupa`` runtime) by the sandbox.
+
+    Call before running any code that is not the host's own. Returns the
+    :class:`Sandbox`; ``lib_paths`` (here or later through
+    :meth:`~Sandbox.add_lib_paths`) are readable and searched first.
+    """
+    if not isinstance(policy, SandboxPolicy):  # TRANSITION: until runtime.py passes a policy
+        policy = SandboxPolicy()
+    sandbox = Sandbox(lua, policy)
+    sandbox.add_lib_paths(lib_paths)
+    return sandbox
