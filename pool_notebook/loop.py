@@ -114,17 +114,19 @@ class LoopRunner:
 
         In a kernel the loop always runs. In terminal IPython (``shell``) this
         turns on ``%gui asyncio`` so the shell runs the loop while it waits for
-        input. Refused (``LoopError``) where nothing would ever run the task.
+        input. Refused (``LoopError``) where nothing would run the task between cells.
         """
+        gui = getattr(shell, "active_eventloop", None)
+        if not self.progresses_between_cells(shell) and gui is None:
+            with contextlib.suppress(NotImplementedError, AttributeError):
+                shell.enable_gui("asyncio")  # only terminal IPython implements it
         if not self.progresses_between_cells(shell):
-            gui = getattr(shell, "active_eventloop", None)
-            if shell is None or gui is not None or not hasattr(shell, "enable_gui"):
-                coro.close()
-                where = (f"the shell runs the {gui} event loop, not asyncio" if gui else
-                         "no event loop runs between calls here")
-                raise LoopError(f"cannot run work in the background: {where}. Await it "
-                                "instead (await conn.send(...)), or use asyncio yourself")
-            shell.enable_gui("asyncio")
+            coro.close()
+            where = (f"the shell runs the {gui} event loop, not asyncio" if gui else
+                     "nothing runs the event loop between cells here (a terminal shell "
+                     "needs %gui asyncio, which --simple-prompt cannot do)")
+            raise LoopError(f"cannot run work in the background: {where}. Await it "
+                            "instead (reply = await conn.send(...))")
         return self.schedule(coro)
 
     def progresses_between_cells(self, shell: Any = None) -> bool:
