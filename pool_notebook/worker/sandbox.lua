@@ -22,10 +22,10 @@ local string, table, math, utf8, coroutine, os, io, debug = string, table, math,
       os, io, debug
 local sbyte, sfind, sformat, sgsub, sgmatch, ssub = string.byte, string.find, string.format,
       string.gsub, string.gmatch, string.sub
-local concat = table.concat
+local concat, pack, unpack = table.concat, table.pack, table.unpack
 local utf8_len = utf8.len
 local math_type = math.type
-local io_open, io_lines, io_type = io.open, io.lines, io.type
+local io_open, io_type = io.open, io.type
 local registry = debug.getregistry()
 local config = package.config
 
@@ -107,18 +107,39 @@ local function device_file(path, f)
   })
 end
 
-local function open_read(fname, path, mode)
+-- Open handles are bounded: file descriptors belong to the worker, not the session.
+local MAX_OPEN = 100
+local handles = setmetatable({}, { __mode = "k" })
+
+local function open_count()
+  local n = 0
+  for f in next, handles do
+    if io_type(f) == "file" then n = n + 1 end
+  end
+  return n
+end
+
+local function open_read(fname, path, mode, device_ok)
   if mode == nil then mode = "r" end
   if type(mode) ~= "string" then arg_error(2, fname, "string", mode) end
   if mode ~= "r" and mode ~= "rb" then
     error(sformat("%s: mode '%s' would write to %s; files are read-only in the sandbox%s",
                   fname, mode, tostring(path), HINT), 0)
   end
-  local real, why = readable(fname, path, true)
+  local real, why = readable(fname, path, device_ok)
   if not real then return nil, why, 2 end
+  if open_count() >= MAX_OPEN then
+    raw_collectgarbage("collect")  -- unreachable handles close in their finalizers
+    if open_count() >= MAX_OPEN then
+      error(sformat("%s: %d files are open; close some first (the sandbox allows %d)",
+                    fname, MAX_OPEN, MAX_OPEN), 0)
+    end
+  end
   local f, err, code = io_open(real, mode)
-  if f and why == "device" then return device_file(path, f) end
-  return f, err, code
+  if not f then return nil, err, code end
+  handles[f] = true
+  if why == "device" then return device_file(path, f) end
+  return f
 end
 
 -- ------------------------------------------------------------------ load
@@ -262,7 +283,8 @@ local function log_file(name, level, source)
     local parts = {}
     for i = 1, select("#", ...) do
       local v = select(i, ...)
-      if type(v) == "number" then v = tostring(v)
+      if math_type(v) == "float" then v = sformat("%.14g", v)
+      elseif type(v) == "number" then v = tostring(v)
       elseif type(v) ~= "string" then arg_error(i, "write", "string", v) end
       parts[i] = v
     end
@@ -299,16 +321,22 @@ local sandbox_io = {
   tmpfile = blocked("io.tmpfile"),
 }
 
-function sandbox_io.open(path, mode) return open_read("io.open", path, mode) end
+function sandbox_io.open(path, mode) return open_read("io.open", path, mode, true) end
 
 function sandbox_io.lines(path, ...)
   if path == nil then
     if input == nil then error("io.lines: no default input file; pass a readable path", 2) end
     return input:lines(...)
   end
-  local real, missing = readable("io.lines", path)
-  if not real then error(missing, 2) end
-  return io_lines(real, ...)
+  local f, err = open_read("io.lines", path, "r", false)
+  if not f then error(err, 2) end
+  local next_line = f:lines(...)
+  local function lines()  -- closes the file at its end, as io.lines does
+    local values = pack(next_line())
+    if values[1] == nil then f:close() end
+    return unpack(values, 1, values.n)
+  end
+  return lines, nil, nil, f
 end
 
 function sandbox_io.input(file)
