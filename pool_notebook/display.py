@@ -412,16 +412,16 @@ class SessionView:
         self.errors: list[str] = []
         self._box: Any = None
         self._inputs: dict[str, tuple[Any, Any]] = {}
+        self._unobserve: Callable[[], None] | None = None
         if use_widgets:
             import ipywidgets as widgets
 
             self._box = widgets.VBox(layout=widgets.Layout(border="1px solid #d0d7de",
                                                            padding="6px"))
             self._box.add_class("pool-session")
+            if not session.done:  # an ended session never changes again
+                self._unobserve = session.observe(self._changed)
             self._render()
-            self._unobserve: Callable[[], None] | None = session.observe(self._changed)
-        else:
-            self._unobserve = None
 
     @property
     def widget(self) -> Any:
@@ -534,7 +534,13 @@ def history_figure(df: pd.DataFrame) -> Figure:
     registered with pyplot: it is drawn exactly once, where it is displayed.
     """
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    from matplotlib.ticker import (
+        FixedLocator,
+        FuncFormatter,
+        LogLocator,
+        NullFormatter,
+        NullLocator,
+    )
 
     fig = _displayed_figure()(figsize=(11.5, 4.2), layout="constrained")
     ax_time, ax_pct = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
@@ -548,12 +554,14 @@ def history_figure(df: pd.DataFrame) -> Figure:
         t0 = sent.min()
         seconds = (sent - t0).dt.total_seconds()
         latency = df["latency_ms"].clip(lower=1e-3)
+        size = 5.0 if len(df) < 500 else 2.5
         for (conn, op), group in df.groupby(["connection", "op"], observed=True):
             color, op_s = colors[str(conn)], str(op)
             ax_time.plot(seconds[group.index], latency[group.index], markers[op_s],
-                         ms=2.5, alpha=0.5, color=color, mec="none")
+                         ms=size, alpha=0.5, color=color, mec="none")
             xs, ys = _percentile_curve(latency[group.index])
-            ax_pct.plot(xs, ys, styles[op_s], color=color, lw=1.6)
+            ax_pct.plot(xs, ys, styles[op_s], color=color, lw=1.6, marker=markers[op_s],
+                        markevery=[-1], ms=5)  # the marker sits on the maximum
     ax_time.set(title="latency over time", xlabel="seconds since the first request",
                 ylabel="latency (ms, log)", yscale="log")
     ax_pct.set(title="latency by percentile", xlabel="percentile", ylabel="latency (ms, log)",
@@ -564,8 +572,12 @@ def history_figure(df: pd.DataFrame) -> Figure:
     ax_pct.xaxis.set_major_formatter(FuncFormatter(
         lambda x, _pos: f"p{100 * (1 - 1 / x):.4g}" if x > 1 else "min"))
     ax_pct.set_xlim(1, ticks[-1] * 1.3)
+    plain = FuncFormatter(lambda y, _pos: f"{y:g}")  # 0.1, 1, 10 ms: no 10^x, no 4x10^0
     for ax in (ax_time, ax_pct):
         ax.grid(True, which="major", alpha=0.3)
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
     handles = [Line2D([], [], color=colors[c], lw=3, label=c) for c in conns]
     handles += [Line2D([], [], color="0.3", ls=styles[o], marker=markers[o], ms=4, label=o)
                 for o in ops]

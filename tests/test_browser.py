@@ -2,8 +2,9 @@
 
 Checks what a person sees: the connection table with the worker version, the
 paused-query widget with its prompt, an answer typed and sent with the Send
-button updating the widget, and the history table. Screenshots go to
-``tests/artifacts/``.
+button updating the widget, a failed Lua run led by its error in red at the
+cell's line, the history table, and the history plot drawn once. Screenshots
+go to ``tests/artifacts/``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pool_notebook import PROTOCOL_VERSION
 
 pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("pool_home")]
 
@@ -107,7 +110,7 @@ def test_quickstart_in_chromium(lab: str) -> None:
             _run_menu(page, "Run All Above Selected Cell")
 
             version = page.locator(".pool-connection td.pool-worker-version")
-            expect(version).to_have_text("0.1.0")
+            expect(version).to_have_text(PROTOCOL_VERSION)
             session = page.locator(".pool-session").first
             expect(session.locator(".pool-prompt")).to_have_text("What is 2 + 2?")
             page.screenshot(path=str(ARTIFACTS / "quickstart-paused.png"), full_page=True)
@@ -125,6 +128,29 @@ def test_quickstart_in_chromium(lab: str) -> None:
                 1)
             expect(page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
                                 has_text="Error")).to_have_count(0)
+
+            failed = page.locator(".pool-session", has_text="boom from Lua").first
+            state = failed.locator(".pool-state-failed")
+            expect(state).to_have_text("failed")
+            expect(state).to_have_css("color", "rgb(207, 34, 46)")  # red, first thing read
+            message = failed.locator(".pool-error-message")
+            expect(message).to_have_text("boom from Lua")
+            expect(message).to_have_css("color", "rgb(207, 34, 46)")
+            expect(failed.locator(".pool-error-line")).to_have_text(
+                "line 3: error('boom from Lua')")
+            expect(failed.locator("details", has_text="raw error")).not_to_have_attribute(
+                "open", "")
+            failed.scroll_into_view_if_needed()
+            failed.screenshot(path=str(ARTIFACTS / "failed-lua.png"))
+
+            plot_cell = cells.filter(has_text="%pool_history --plot")
+            images = plot_cell.locator(".jp-OutputArea-output img")
+            expect(images).to_have_count(1)  # drawn once
+            width = images.first.evaluate("img => img.naturalWidth")
+            assert width > 600, width
+            images.first.scroll_into_view_if_needed()
+            images.first.screenshot(path=str(ARTIFACTS / "history-plot.png"))
+
             session.scroll_into_view_if_needed()
             page.screenshot(path=str(ARTIFACTS / "quickstart.png"), full_page=True)
         finally:

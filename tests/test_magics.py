@@ -98,6 +98,47 @@ def test_paused_session_answered_from_code_in_any_order(ip: InteractiveShell) ->
     assert "completed" in view.html()
 
 
+async def _until(condition: Any, limit: float = 20.0) -> None:
+    """Let the loop run (tasks scheduled by widgets) until ``condition()`` holds."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not condition():
+        assert loop.time() < deadline, "the session never got there"
+        await asyncio.sleep(0.01)
+
+
+def test_widget_send_answers_through_the_session(ip: InteractiveShell,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POOL_NOTEBOOK_WIDGETS", "1")
+    ip.run_line_magic("pool_connect", "")
+    view = ip.run_cell_magic("pool_run", "--out s",
+                             "local r = alc.llm_batch({{prompt = 'p1'}, {prompt = 'p2'}})\n"
+                             "return r[1] .. '+' .. r[2]")
+    session = ip.user_ns["s"]
+    assert "application/vnd.jupyter.widget-view+json" in view._repr_mimebundle_()
+    text0, send0 = view.answer_widgets("q-0")
+    text1, send1 = view.answer_widgets("q-1")
+    text0.value = "typed, not sent yet"
+    text1.value = "B"
+    send1.click()
+    assert send1.disabled and send1.description == "Sending…"
+    pool_notebook.loop.runner.run(_until(lambda: [q.id for q in session.pending] == ["q-0"]
+                                         and session.state == "paused"))
+    assert view.answer_widgets("q-0") == (text0, send0)  # redrawn, typed text kept
+    assert text0.value == "typed, not sent yet"
+    with pytest.raises(KeyError):
+        view.answer_widgets("q-1")
+    text0.value = "A"
+    send0.click()
+    pool_notebook.loop.runner.run(_until(lambda: session.done))
+    assert session.result == "A+B"
+    assert "completed" in view.widget.children[0].value
+    failed = ip.run_cell_magic("pool_run", "", "error('boom from Lua')")
+    assert "boom from Lua" in failed.widget.children[0].value
+
+
 def test_failed_lua_leads_with_the_error_mapped_to_the_cell(ip: InteractiveShell) -> None:
     ip.run_line_magic("pool_connect", "")
     result, _, _ = _cell(ip, "%%pool_run --out s\nlocal x = 1\nerror('boom from Lua')\n")
