@@ -160,9 +160,12 @@ local function text_load(chunk, name, mode, ...)
 end
 
 -- The text of a readable Lua file (a leading #! line becomes a comment).
-local function source_of(fname, path)
-  local real, missing = readable(fname, path)
-  if not real then return nil, missing end
+local function source_of(fname, path, real)
+  if not real then
+    local missing
+    real, missing = readable(fname, path)
+    if not real then return nil, missing end
+  end
   local f, err = io_open(real, "rb")
   if not f then return nil, err end
   local text, rerr = f:read("a")
@@ -203,10 +206,9 @@ local function replace(text, what, with)
   return (sgsub(text, sgsub(what, "%p", "%%%0"), (sgsub(with, "%%", "%%%%"))))
 end
 
--- package.searchpath, but only files the sandbox may read count as found.
-local function searchpath(name, path, sep, rep)
-  if type(name) ~= "string" then arg_error(1, "searchpath", "string", name) end
-  if type(path) ~= "string" then arg_error(2, "searchpath", "string", path) end
+-- The first file of `path` for `name` the sandbox may read: file, real path;
+-- or nil, the list of files tried.
+local function find(name, path, sep, rep)
   sep, rep = sep or ".", rep or "/"
   if sep ~= "" then name = replace(name, sep, rep) end
   local tried = {}
@@ -214,11 +216,21 @@ local function searchpath(name, path, sep, rep)
     local file = replace(template, "?", name)
     local real, why = nil, "is not valid UTF-8"
     if utf8_len(file) then real, why = resolve(file) end
-    if real then return file end
-    tried[#tried + 1] = "no file '" .. file .. "'"
-      .. (why == "missing" and "" or " (outside the directories the sandbox may read)")
+    if real and why ~= "device" then return file, real end
+    tried[#tried + 1] = "no file '" .. shown(file) .. "'"
+      .. ((why == "missing" and "") or (why == "device" and " (a device)")
+          or " (outside the directories the sandbox may read)")
   end
   return nil, concat(tried, "\n\t")
+end
+
+-- package.searchpath, but only files the sandbox may read count as found.
+local function searchpath(name, path, sep, rep)
+  if type(name) ~= "string" then arg_error(1, "searchpath", "string", name) end
+  if type(path) ~= "string" then arg_error(2, "searchpath", "string", path) end
+  local file, tried = find(name, path, sep, rep)
+  if file then return file end
+  return nil, tried
 end
 
 local function preload_searcher(name)
@@ -232,9 +244,9 @@ end
 local function lua_searcher(name)
   local path = package.path
   if type(path) ~= "string" then error("'package.path' must be a string", 2) end
-  local file, err = searchpath(name, path)
-  if not file then return "\n\t" .. err end
-  local text, lerr = source_of("require", file)
+  local file, real = find(name, path)
+  if not file then return "\n\t" .. real end
+  local text, lerr = source_of("require", file, real)
   local fn
   if text then fn, lerr = text_load(text, "@" .. file) end
   if not fn then
