@@ -1,27 +1,27 @@
 """The asyncio PoolClient: one Unix-socket connection to one worker.
 
-A thin layer around :mod:`pool_notebook.protocol`: it owns a non-blocking
-socket, a bounded :class:`~pool_notebook.protocol.LineBuffer` and a FIFO of
-callers (one request in flight per connection).
+A thin I/O layer over :class:`pool_notebook.protocol.client.ClientConnection`,
+which holds every protocol rule (handshake first, one request in flight, owed
+replies, unsolicited lines, the sticky broken state). This module only moves
+bytes, waits, and serves callers one at a time in arrival order.
 
-Cancel safety is stronger than the original Rust client's. All received bytes
-go into the connection's own buffer, never into a caller's frame, and the client
-tracks exactly how far each exchange got:
+Cancel safety is stronger than the original Rust client's. Received bytes go
+straight from the socket into the protocol object, never into a caller's frame,
+and a caller that is cancelled or times out tells the protocol object so
+(``abandon``): before a byte was written nothing happened; mid-write the rest
+of the line is still sent before the next request and its reply is owed; after
+the write the reply is owed. Owed replies are read by the client itself (a
+background drain, or the next caller within its own timeout) and handed to
+``on_late_reply``, never to another caller. Anything that leaves the stream in
+an unknowable state (EOF mid-exchange, an over-long or unsolicited line, an
+exception such as ``KeyboardInterrupt`` in the middle of I/O) breaks the
+connection, sticky.
 
-* cancelled/timed out before a byte was written: nothing happened;
-* cancelled mid-write: the rest of the line is kept and sent before the next
-  request, and its reply is owed;
-* cancelled after the write: the reply is owed.
-
-Owed replies are read by the client itself (a background drain, or the next
-caller within its own timeout) and handed to ``on_late_reply``, never to another
-caller. Anything that leaves the stream in an unknowable state (EOF, an
-over-long line, an unsolicited line, an exception in the middle of buffer
-handling such as a ``KeyboardInterrupt``) marks the connection broken, sticky.
-
-Latency: after writing, the client polls the socket for up to ``spin_seconds``
-before parking on the event loop's selector. Workers usually answer in tens of
-microseconds, so this skips a selector round trip and a task switch per request.
+Latency: after writing, a caller may poll the socket for up to
+``spin_seconds`` before parking on the event loop, which saves a selector round
+trip when the worker answers within microseconds. It polls only while it is the
+only request in flight on its event loop, so a fan-out to many workers is never
+serialised behind one poller.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -44,33 +44,61 @@ from .errors import (
     ClientClosed,
     ConnectError,
     ConnectionBroken,
-    ConnectionClosed,
+    ConnectTimeout,
     HandshakeError,
     HandshakeTimeout,
     PoolError,
     ProtocolError,
     ReadError,
     RequestTimeout,
-    ResponseParseError,
-    ResponseTooLarge,
-    UnsolicitedResponse,
+    TransportError,
+    VersionMismatch,
     WorkerError,
     WriteError,
 )
+from .protocol.client import (
+    NEED_DATA,
+    ClientConnection,
+    ConnectionEnded,
+    Event,
+    HandshakeAccepted,
+    HandshakeRejected,
+    LateReplyReceived,
+    NeedData,
+    ResponseReceived,
+    ResponseUnreadable,
+)
 from .security import PeerCredentials, check_peer, check_socket_path
 
-__all__ = ["LateReply", "PoolClient"]
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # the same context manager, from its aio-libs backport
+    from async_timeout import timeout as _timeout
+
+__all__ = ["AUTO_VERSION", "LateReply", "PoolClient"]
 
 log = logging.getLogger(__name__)
 
 _RECV_SIZE = 256 * 1024
 #: Default busy-poll window after a write (seconds); 0 disables polling.
 DEFAULT_SPIN_SECONDS = 200e-6
+#: Retry pauses while a worker's listen backlog is full (seconds).
+_CONNECT_RETRY_FIRST, _CONNECT_RETRY_MAX = 0.001, 0.05
+#: ``version=AUTO_VERSION`` adopts the version a worker names in its mismatch error.
+AUTO_VERSION = "auto"
+
+#: Requests waiting for a reply, per event loop, across clients (a loop is a key only
+#: while it has some): polling is for the lone request.
+_in_flight: dict[asyncio.AbstractEventLoop, int] = {}
 
 
 @dataclass(frozen=True, slots=True)
 class LateReply:
-    """The reply (or failure) of a request whose caller gave up waiting."""
+    """The reply (or failure) of a request whose caller gave up waiting.
+
+    ``token`` is the object passed to ``send_request(..., token=...)``, so the
+    caller can tell which of its requests this was (request objects may repeat).
+    """
 
     op: str
     request: proto.Request
@@ -78,20 +106,19 @@ class LateReply:
     latency_ns: int
     response: proto.Response | None
     error: PoolError | None
+    token: object = None
 
 
 @dataclass(slots=True)
-class _Owed:
-    request: proto.Request
-    sent_ns: int
-    sent_perf: float
+class _Ticket:
+    """What the client remembers about one request (the protocol's ``context``)."""
+
+    token: object
+    sent_ns: int = 0
+    sent_perf: float = 0.0
 
 
 _D = TypeVar("_D")
-
-
-class _Expired(Exception):
-    """Internal: a deadline passed while waiting (becomes RequestTimeout)."""
 
 
 class PoolClient:
@@ -110,20 +137,14 @@ class PoolClient:
         self._sock = sock
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
-        self._buffer = proto.LineBuffer(max_line_bytes)
+        self._conn = ClientConnection(max_line_bytes)
         self._spin = spin_seconds
+        self._lock = asyncio.Lock()
+        self._waiting: asyncio.Future[None] | None = None
+        self._drain_task: asyncio.Task[None] | None = None
         self.on_late_reply = on_late_reply
         self.sock_path = sock_path
         self.peer = peer
-        self.server_version: str | None = None
-        self._busy = False
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._owed: deque[_Owed] = deque()
-        self._unsent = b""
-        self._waiting: asyncio.Future[None] | None = None
-        self._drain_task: asyncio.Task[None] | None = None
-        self._broken: ConnectionBroken | None = None
-        self._closed = False
 
     # ------------------------------------------------------------------ public
 
@@ -134,6 +155,7 @@ class PoolClient:
         *,
         version: str = PROTOCOL_VERSION,
         handshake_timeout: float = 10.0,
+        connect_timeout: float | None = None,
         max_line_bytes: int = proto.DEFAULT_MAX_LINE_BYTES,
         allow_insecure: bool = False,
         spin_seconds: float = DEFAULT_SPIN_SECONDS,
@@ -141,72 +163,67 @@ class PoolClient:
     ) -> PoolClient:
         """Connect to the worker at ``sock_path`` and run the version handshake.
 
-        Both happen inside this call, bounded by ``handshake_timeout``: no client
-        exists unless the worker echoed ``version``; on any failure the socket is
-        closed. ``allow_insecure`` skips the directory and peer-uid checks.
+        No client exists unless the worker accepted ``version`` (an exact match);
+        on any failure the socket is closed. ``version="auto"`` sends ours and,
+        if the worker answers "version mismatch: client=X, server=Y", handshakes
+        again with Y on the same connection. ``connect_timeout`` (default:
+        ``handshake_timeout``) bounds ``connect()`` (``ConnectTimeout``), and
+        ``handshake_timeout`` the handshake (``HandshakeTimeout``).
+        ``allow_insecure`` skips the directory and peer-uid checks.
         """
         path = check_socket_path(sock_path, allow_insecure=allow_insecure)
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        limit = handshake_timeout if connect_timeout is None else connect_timeout
+        sock = await _open(path, limit)
         try:
-            try:
-                await asyncio.wait_for(loop.sock_connect(sock, path), handshake_timeout)
-            except (TimeoutError, asyncio.TimeoutError) as exc:
-                raise HandshakeTimeout(handshake_timeout) from exc
-            except OSError as exc:
-                raise ConnectError(path, exc.strerror or str(exc)) from exc
             peer = check_peer(sock, path, allow_insecure=allow_insecure)
+            client = cls(sock, path, max_line_bytes=max_line_bytes, spin_seconds=spin_seconds,
+                         on_late_reply=on_late_reply, peer=peer)
         except BaseException:
             sock.close()
             raise
-        client = cls(
-            sock,
-            path,
-            max_line_bytes=max_line_bytes,
-            spin_seconds=spin_seconds,
-            on_late_reply=on_late_reply,
-            peer=peer,
-        )
         try:
-            deadline = loop.time() + handshake_timeout
-            try:
-                response = await client._exchange(proto.Handshake(version), deadline)
-            except _Expired as exc:
-                raise HandshakeTimeout(handshake_timeout) from exc
-            except ResponseParseError as exc:
-                raise HandshakeError(f"the handshake reply is not valid: {exc}") from exc
-            except (ConnectionClosed, ConnectionBroken) as exc:
-                raise HandshakeError(
-                    f"the worker closed the connection during the handshake ({exc})"
-                ) from exc
-            client.server_version = proto.check_handshake(response, version).version
-            return client
+            async with _timeout(handshake_timeout):
+                await client._handshake(version)
+        except TimeoutError:
+            client.close()
+            raise HandshakeTimeout(handshake_timeout) from None
+        except (TransportError, ProtocolError, ConnectionBroken) as exc:
+            client.close()
+            raise HandshakeError(f"the handshake failed: {exc}") from exc
         except BaseException:
             client.close()
             raise
+        return client
+
+    @property
+    def server_version(self) -> str | None:
+        """The protocol version the worker accepted in the handshake."""
+        return self._conn.server_version
 
     async def send_request(
-        self, request: proto.Request, *, timeout: float | None = None
+        self, request: proto.Request, *, timeout: float | None = None, token: object = None
     ) -> proto.Response:
         """Send one request and return its response (``ok:false`` included).
 
         Callers are served one at a time, in arrival order. ``timeout`` bounds
         the whole call, queueing included; on timeout or cancellation the
-        connection stays usable (see the module docstring).
+        connection stays usable and the reply, if one is owed, is reported
+        later through ``on_late_reply`` as a :class:`LateReply` carrying ``token``.
         """
-        self._check_usable()
-        deadline = None if timeout is None else self._loop.time() + timeout
-        try:
-            await self._acquire(deadline)
-        except _Expired:
-            raise RequestTimeout(request.op, timeout or 0.0, self._queue_reason()) from None
-        try:
-            return await self._exchange(request, deadline)
-        except _Expired as exc:
-            raise RequestTimeout(request.op, timeout or 0.0, str(exc)) from None
-        finally:
-            self._release()
+        self._conn.check_usable()
+        ticket = _Ticket(token)
+        if timeout is None:
+            event = await self._exchange(request, ticket)
+        else:
+            try:
+                async with _timeout(timeout):
+                    event = await self._exchange(request, ticket)
+            except TimeoutError:
+                raise self._timeout_error(request, ticket, timeout) from None
+        if isinstance(event, ResponseUnreadable):
+            raise event.error
+        assert isinstance(event, ResponseReceived)
+        return event.response
 
     async def run(
         self,
@@ -251,51 +268,44 @@ class PoolClient:
             response = await self.send_request(proto.Shutdown(), timeout=timeout)
             return self._expect(response, "shutdown", proto.ShutdownData)
         finally:
-            if not self._owed:
+            if not self._conn.owes_reply:
                 self.close()
 
     async def settle(self, *, timeout: float | None = None) -> None:
         """Wait until every owed late reply has been read (and reported)."""
-        self._check_usable()
-        deadline = None if timeout is None else self._loop.time() + timeout
+        self._conn.check_usable()
         try:
-            await self._acquire(deadline)
-            try:
-                await self._settle(deadline)
-            finally:
-                self._release()
-        except _Expired:
+            async with _timeout(timeout), self._lock:
+                self._conn.check_usable()
+                await self._round_trip(None, _Ticket(None))
+        except TimeoutError:
             raise RequestTimeout("settle", timeout or 0.0, self._queue_reason()) from None
 
     def close(self) -> None:
         """Close the socket; pending callers get ``ClientClosed``. Safe to call twice."""
-        if self._closed:
+        if self._sock.fileno() < 0:
             return
-        self._closed = True
+        self._conn.close()
         if self._drain_task is not None and not self._drain_task.done():
             self._drain_task.cancel()
-        for fut in (self._waiting, *self._waiters):
-            if fut is not None and not fut.done():
-                fut.set_exception(ClientClosed())
-        self._waiters.clear()
-        with contextlib.suppress(Exception):
-            self._loop.remove_reader(self._fd)
-            self._loop.remove_writer(self._fd)
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_exception(ClientClosed())
+        self._unwatch()
         self._sock.close()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._sock.fileno() < 0
 
     @property
     def broken(self) -> ConnectionBroken | None:
         """The sticky error, once the connection can no longer be trusted."""
-        return self._broken
+        return self._conn.broken
 
     @property
     def owed_replies(self) -> int:
-        """Replies of abandoned requests not read yet."""
-        return len(self._owed)
+        """Replies of abandoned requests not read yet (0 or 1: one request in flight)."""
+        return int(self._conn.owes_reply)
 
     async def __aenter__(self) -> PoolClient:
         return self
@@ -309,21 +319,196 @@ class PoolClient:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "broken" if self._broken else "open"
-        return f"<PoolClient {self.sock_path} version={self.server_version} {state}>"
+        return (f"<PoolClient {self.sock_path} version={self.server_version} "
+                f"{self._conn.state.value}>")
 
-    # ---------------------------------------------------------------- internals
+    # ------------------------------------------------------------ the exchange
 
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise ClientClosed()
-        if self._broken is not None:
-            raise self._broken
+    async def _handshake(self, version: str) -> None:
+        """Handshake (again with the worker's own version, if ``version`` is auto)."""
+        auto = version == AUTO_VERSION
+        first = proto.Handshake(PROTOCOL_VERSION if auto else version)
+        event = await self._round_trip(first, _Ticket(None))
+        if auto and isinstance(event, HandshakeRejected) and isinstance(
+            event.error, VersionMismatch
+        ):
+            again = proto.Handshake(event.error.server)
+            event = await self._round_trip(again, _Ticket(None))
+        if isinstance(event, HandshakeRejected):
+            raise event.error
+        assert isinstance(event, HandshakeAccepted)
+
+    async def _exchange(self, request: proto.Request, ticket: _Ticket) -> Event:
+        """Wait for our turn, settle what is owed, then send ``request`` and read its reply."""
+        async with self._lock:
+            self._conn.check_usable()
+            event = await self._round_trip(request, ticket)
+            assert event is not None
+            return event
+
+    async def _round_trip(self, request: proto.Request | None, ticket: _Ticket) -> Event | None:
+        """Settle what is owed, then send ``request`` (if any) and read its reply.
+
+        Failures are mapped to the protocol object's terms here: cancellation (a
+        timeout included) abandons the request in flight; an exception that is
+        not the protocol's own leaves the stream unknowable.
+        """
+        conn = self._conn
+        try:
+            if conn.owes_reply:
+                await self._settle()
+            if request is None:
+                return None
+            self._poll()
+            ticket.sent_ns, ticket.sent_perf = time.time_ns(), time.perf_counter()
+            conn.send(request, ticket)
+            await self._flush()
+            return await self._next_event()
+        except asyncio.CancelledError:
+            if self._conn.abandon():
+                self._start_drain()
+            raise
+        except PoolError:
+            raise  # the protocol object already knows (or the client was closed)
+        except OSError as exc:
+            raise self._fail(ReadError(f"talking to the worker failed: {exc}")) from exc
+        except BaseException as exc:
+            broken = self._fail_reason(f"{type(exc).__name__} during I/O with the worker")
+            if isinstance(exc, Exception):
+                raise broken from exc
+            raise  # KeyboardInterrupt / SystemExit propagate as they are
+
+    async def _settle(self) -> None:
+        """Send the rest of a half-written request, then read the reply it owes."""
+        while self._conn.owes_reply:
+            await self._flush()
+            event = await self._next_event()
+            if isinstance(event, LateReplyReceived):
+                self._report(event)
+
+    async def _flush(self) -> None:
+        """Write what the protocol object has to send, waiting while the socket is full."""
+        conn = self._conn
+        while data := conn.data_to_send():
+            try:
+                n = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                await self._wait_fd(writable=True)
+                continue
+            except OSError as exc:
+                raise self._fail(WriteError(f"sending to the worker failed: {exc}")) from exc
+            conn.bytes_sent(n)
+
+    async def _next_event(self) -> Event:
+        """Read until the protocol object has an event (polling first, see the module doc)."""
+        conn, loop = self._conn, self._loop
+        _in_flight[loop] = _in_flight.get(loop, 0) + 1
+        try:
+            spin_until = time.perf_counter() + self._spin
+            while (event := conn.next_event()) is NEED_DATA:
+                if self._recv():
+                    continue
+                if _in_flight[loop] > 1 or time.perf_counter() >= spin_until:
+                    await self._wait_fd(writable=False)
+                else:  # poll again after one turn of the loop: other tasks run meanwhile
+                    await asyncio.sleep(0)
+                    conn.check_usable()
+            assert not isinstance(event, NeedData)
+            return event
+        finally:
+            if _in_flight[loop] == 1:
+                del _in_flight[loop]
+            else:
+                _in_flight[loop] -= 1
+
+    def _recv(self) -> bool:
+        """Move what the socket has into the protocol object; False if it had nothing."""
+        try:
+            data = self._sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            raise self._fail(ReadError(f"receiving from the worker failed: {exc}")) from exc
+        self._conn.receive_data(data)
+        return True
+
+    def _poll(self) -> None:
+        """Before sending: take in anything that arrived unasked (or EOF), so it is seen."""
+        if self._recv() and isinstance(self._conn.next_event(), ConnectionEnded):
+            self._conn.check_usable()
+
+    async def _wait_fd(self, *, writable: bool) -> None:
+        fut: asyncio.Future[None] = self._loop.create_future()
+        if writable:
+            self._loop.add_writer(self._fd, _wake, fut)
+        else:
+            self._loop.add_reader(self._fd, _wake, fut)
+        self._waiting = fut
+        try:
+            await fut
+        finally:
+            self._waiting = None
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None or self._drain_task.done():
+            self._drain_task = self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """Background: read owed replies as they arrive, so they are reported promptly."""
+        with contextlib.suppress(asyncio.CancelledError, PoolError):
+            async with self._lock:
+                self._conn.check_usable()
+                await self._round_trip(None, _Ticket(None))
+
+    def _report(self, event: LateReplyReceived) -> None:
+        ticket: _Ticket = event.context
+        late = LateReply(
+            op=event.request.op,
+            request=event.request,
+            sent_ns=ticket.sent_ns,
+            latency_ns=int((time.perf_counter() - ticket.sent_perf) * 1e9),
+            response=event.response,
+            error=event.error,
+            token=ticket.token,
+        )
+        if self.on_late_reply is None:
+            log.info("discarded late reply to %r on %s", late.op, self.sock_path)
+            return
+        try:
+            self.on_late_reply(late)
+        except Exception:
+            log.exception("on_late_reply callback failed")
+
+    def _fail(self, error: PoolError) -> PoolError:
+        self._fail_reason(str(error))
+        return error
+
+    def _fail_reason(self, reason: str) -> ConnectionBroken:
+        broken = self._conn.fail(reason)
+        self._unwatch()
+        return broken
 
     def _queue_reason(self) -> str:
-        if self._owed:
-            return f"still waiting for the late reply of an earlier {self._owed[0].request.op!r}"
+        owed = self._conn.in_flight if self._conn.owes_reply else None
+        if owed is not None:
+            return f"still waiting for the late reply of an earlier {owed.op!r}"
         return "waiting for earlier requests on this connection"
+
+    def _timeout_error(
+        self, request: proto.Request, ticket: _Ticket, timeout: float
+    ) -> RequestTimeout:
+        """Say whether our request went out (its reply is owed) or never left the queue."""
+        if self._conn.owes_reply and self._conn.in_flight_context is ticket:
+            return RequestTimeout(request.op, timeout)
+        return RequestTimeout(request.op, timeout, self._queue_reason())
 
     @staticmethod
     def _expect(response: proto.Response, op: str, kind: type[_D]) -> _D:
@@ -334,225 +519,42 @@ class PoolClient:
             raise ProtocolError(f"{op!r} expected a {kind.__name__} reply, got kind={got!r}")
         return response.data
 
-    def _break(self, reason: str) -> ConnectionBroken:
-        if self._broken is None:
-            self._broken = ConnectionBroken(reason)
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._fd)
-                self._loop.remove_writer(self._fd)
-        return self._broken
 
-    async def _acquire(self, deadline: float | None) -> None:
-        if not self._busy and not self._waiters:
-            self._busy = True
-            return
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._waiters.append(fut)
-        try:
-            await self._park(fut, deadline)
-        except BaseException:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._release()  # ownership was handed to us as we gave up: pass it on
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
-            raise
+async def _open(path: str, timeout: float) -> socket.socket:
+    """A connected non-blocking Unix socket, or ``ConnectTimeout``/``ConnectError``.
 
-    def _release(self) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # ownership passes directly, _busy stays True
-                return
-        self._busy = False
-
-    async def _park(self, fut: asyncio.Future[None], deadline: float | None) -> None:
-        """Await ``fut``; past ``deadline`` raise ``_Expired``."""
-        if deadline is None:
-            await fut
-            return
-        timer = self._loop.call_at(deadline, _expire, fut)
-        try:
-            await fut
-        finally:
-            timer.cancel()
-
-    async def _wait_fd(self, writable: bool, deadline: float | None) -> None:
-        fut: asyncio.Future[None] = self._loop.create_future()
-        add = self._loop.add_writer if writable else self._loop.add_reader
-        remove = self._loop.remove_writer if writable else self._loop.remove_reader
-        add(self._fd, _wake, fut)
-        self._waiting = fut
-        try:
-            await self._park(fut, deadline)
-        finally:
-            self._waiting = None
-            remove(self._fd)
-
-    async def _exchange(self, request: proto.Request, deadline: float | None) -> proto.Response:
-        """Write ``request`` and read its reply. The caller holds the lock."""
-        data = proto.encode_request(request)
-        phase = "settling"
-        sent_ns, sent_perf = 0, 0.0
-        try:
-            await self._settle(deadline)
-            self._check_quiet()
-            phase = "writing"
-            sent_ns = time.time_ns()
-            sent_perf = time.perf_counter()
-            self._unsent = data
-            await self._flush(deadline)
-            phase = "reading"
-            line = await self._read_line(deadline)
-            phase = "done"
-            return proto.decode_response(line, len(data))
-        except _Expired:
-            if phase == "settling":
-                raise _Expired(self._queue_reason()) from None
-            self._abandon(phase, data, request, sent_ns, sent_perf)
-            raise
-        except asyncio.CancelledError:
-            self._abandon(phase, data, request, sent_ns, sent_perf)
-            raise
-        except ResponseParseError:
-            raise  # a whole line was consumed: framing is intact
-        except (ClientClosed, ConnectionBroken):
-            raise
-        except (ResponseTooLarge, UnsolicitedResponse, ReadError, WriteError) as exc:
-            self._break(str(exc))
-            raise
-        except BaseException as exc:
-            raise_from = self._break(f"{type(exc).__name__} while {phase} a {request.op!r}")
-            if isinstance(exc, Exception):
-                raise raise_from from exc
-            raise  # KeyboardInterrupt / SystemExit propagate as they are
-
-    def _abandon(
-        self, phase: str, data: bytes, request: proto.Request, sent_ns: int, sent_perf: float
-    ) -> None:
-        """The caller gave up during ``phase``: record what the stream now owes."""
-        if phase == "writing" and self._unsent is data:
-            self._unsent = b""  # not a byte went out: nothing happened
-        elif phase in ("writing", "reading"):
-            self._owe(_Owed(request, sent_ns, sent_perf))
-
-    def _owe(self, owed: _Owed) -> None:
-        self._owed.append(owed)
-        if self._drain_task is None or self._drain_task.done():
-            self._drain_task = self._loop.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        """Background: read owed replies as they arrive, so they are reported promptly."""
-        try:
-            await self._acquire(None)
-        except (asyncio.CancelledError, ClientClosed):
-            return
-        try:
-            await self._settle(None)
-        except (asyncio.CancelledError, PoolError):
-            pass  # close() cancels us; a broken stream is already recorded
-        except BaseException as exc:
-            self._break(f"{type(exc).__name__} while reading a late reply")
-            raise
-        finally:
-            self._release()
-
-    async def _settle(self, deadline: float | None) -> None:
-        """Send the rest of a half-written request, then read every owed reply."""
-        try:
-            if self._unsent:
-                await self._flush(deadline)
-            while self._owed:
-                owed = self._owed[0]
-                line = await self._read_line(deadline)
-                self._owed.popleft()
-                response: proto.Response | None = None
-                error: PoolError | None = None
-                try:
-                    response = proto.decode_response(line)
-                except ResponseParseError as exc:
-                    error = exc
-                self._report(owed, response, error)
-        except (asyncio.CancelledError, _Expired, ClientClosed, ConnectionBroken):
-            raise
-        except (ResponseTooLarge, ReadError, WriteError) as exc:
-            self._break(str(exc))
-            raise
-
-    def _report(
-        self, owed: _Owed, response: proto.Response | None, error: PoolError | None
-    ) -> None:
-        late = LateReply(
-            op=owed.request.op,
-            request=owed.request,
-            sent_ns=owed.sent_ns,
-            latency_ns=int((time.perf_counter() - owed.sent_perf) * 1e9),
-            response=response,
-            error=error,
-        )
-        if self.on_late_reply is None:
-            log.info("discarded late reply to %r on %s", late.op, self.sock_path)
-            return
-        try:
-            self.on_late_reply(late)
-        except Exception:
-            log.exception("on_late_reply callback failed")
-
-    def _check_quiet(self) -> None:
-        """Nothing may arrive before we ask: anything that did is unsolicited (or EOF)."""
-        if len(self._buffer):
-            raise UnsolicitedResponse(self._buffer.pending)
-        try:
-            data = self._sock.recv(_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            raise ReadError(f"receiving from the worker failed: {exc}") from exc
-        if not data:
-            raise ConnectionClosed()
-        raise UnsolicitedResponse(data)
-
-    async def _flush(self, deadline: float | None) -> None:
-        """Write ``self._unsent`` completely, keeping the remainder if interrupted."""
-        while self._unsent:
-            try:
-                n = self._sock.send(self._unsent)
-            except (BlockingIOError, InterruptedError):
-                await self._wait_fd(True, deadline)
-                continue
-            except OSError as exc:
-                raise WriteError(f"sending to the worker failed: {exc}") from exc
-            self._unsent = self._unsent[n:]
-
-    async def _read_line(self, deadline: float | None) -> bytes:
-        buffer = self._buffer
-        # Poll only when nothing else is ready to run: spinning while other tasks wait
-        # (e.g. a fan-out to many workers) would serialise them.
-        busy_loop = getattr(self._loop, "_ready", None)
-        spin_until = time.perf_counter() + (0.0 if busy_loop else self._spin)
+    A Unix ``connect()`` either completes at once or fails with ``EAGAIN`` when
+    the listener's backlog is full (the worker is not accepting). asyncio's
+    ``sock_connect`` takes that ``EAGAIN`` for "in progress" and reports an
+    unconnected socket as connected, so this retries until the deadline instead.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pause = _CONNECT_RETRY_FIRST
+    try:
         while True:
-            line = buffer.next_line()
-            if line is not None:
-                return line
             try:
-                data = self._sock.recv(_RECV_SIZE)
+                sock.connect(path)
+                return sock
             except (BlockingIOError, InterruptedError):
-                if time.perf_counter() >= spin_until:
-                    await self._wait_fd(False, deadline)
-                continue
-            except OSError as exc:
-                raise ReadError(f"receiving from the worker failed: {exc}") from exc
-            if not data:
-                raise ConnectionClosed(buffer.pending)
-            buffer.feed(data)
+                pass
+            if loop.time() + pause > deadline:
+                break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _CONNECT_RETRY_MAX)
+    except OSError as exc:
+        sock.close()
+        raise ConnectError(path, exc.strerror or str(exc)) from exc
+    except BaseException:
+        sock.close()
+        raise
+    sock.close()
+    raise ConnectTimeout(path, timeout)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-def _expire(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_exception(_Expired())
 

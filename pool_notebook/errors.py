@@ -128,7 +128,8 @@ class ConnectTimeout(ConnectError, TimeoutError):
     def __init__(self, sock_path: str, timeout: float) -> None:
         self.timeout = timeout
         ConnectError.__init__(
-            self, sock_path, f"connect() did not complete within {timeout:g}s"
+            self, sock_path, f"connect() did not complete within {timeout:g}s "
+            "(the worker is not accepting connections: its listen backlog is full)"
         )
 
 

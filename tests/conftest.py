@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,3 +39,30 @@ def pool_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
             child.kill()
             child.wait()
     shutil.rmtree(home, ignore_errors=True)
+
+
+# ---------------------------------------------- event loops: asyncio and uvloop
+
+
+def _run_on(new_loop: Callable[[], asyncio.AbstractEventLoop], coro: Any) -> Any:
+    """``asyncio.run`` on a loop made by ``new_loop`` (3.10 has no ``asyncio.Runner``)."""
+    loop = new_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        leftover = asyncio.all_tasks(loop)
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Callable[[Any], Any]:
+    """Run a coroutine on a fresh loop of each kind: the test runs once per loop."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return lambda coro: _run_on(uvloop.new_event_loop, coro)
+    return lambda coro: _run_on(asyncio.new_event_loop, coro)

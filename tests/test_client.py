@@ -6,11 +6,13 @@ import asyncio
 import json
 import os
 import socket
-import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from pool_notebook import (
+    PROTOCOL_VERSION,
     ClientClosed,
     ConnectError,
     ConnectionBroken,
@@ -30,11 +32,14 @@ from pool_notebook import (
 )
 from pool_notebook import protocol as proto
 from pool_notebook.client import LateReply
+from pool_notebook.errors import ConnectTimeout
 from pool_notebook.security import check_peer
-from tests.fakes import CLOSE, HANG, Dribble, FakeWorker, err, ok, run
+from tests.fakes import CLOSE, HANG, Dribble, FakeWorker, err, ok
+
+Runner = Callable[[Any], Any]  # the conftest ``run`` fixture: asyncio, then uvloop
 
 
-def test_seed_scenario_handshake_run_continue_shutdown() -> None:
+def test_seed_scenario_handshake_run_continue_shutdown(run: Runner) -> None:
     async def main() -> None:
         async with FakeWorker() as w, await PoolClient.connect(w.sock_path) as c:
             assert c.server_version == w.version
@@ -53,7 +58,7 @@ def test_seed_scenario_handshake_run_continue_shutdown() -> None:
     run(main())
 
 
-def test_version_mismatch_rejected_by_worker() -> None:
+def test_version_mismatch_rejected_by_worker(run: Runner) -> None:
     def reject(req: dict) -> list | None:
         if req["op"] == "handshake":
             return [err(f"version mismatch: client={req['version']}, server=0.31.0")]
@@ -64,11 +69,11 @@ def test_version_mismatch_rejected_by_worker() -> None:
             with pytest.raises(VersionMismatch) as info:
                 await PoolClient.connect(w.sock_path, version="0.30.0")
             assert (info.value.client, info.value.server) == ("0.30.0", "0.31.0")
-            assert "--protocol-version 0.31.0" in str(info.value)
+            assert "version='0.31.0'" in str(info.value)
     run(main())
 
 
-def test_wrong_echoed_version_refused_by_client() -> None:
+def test_wrong_echoed_version_refused_by_client(run: Runner) -> None:
     async def main() -> None:
         async with FakeWorker(version="9.9.9") as w:
             with pytest.raises(VersionMismatch) as info:
@@ -80,7 +85,7 @@ def test_wrong_echoed_version_refused_by_client() -> None:
     run(main())
 
 
-def test_handshake_garbage_and_early_close() -> None:
+def test_handshake_garbage_and_early_close(run: Runner) -> None:
     async def main() -> None:
         async with FakeWorker(lambda r: [b"hello there\n"]) as w:
             with pytest.raises(HandshakeError, match="not valid"):
@@ -94,7 +99,7 @@ def test_handshake_garbage_and_early_close() -> None:
     run(main())
 
 
-def test_handshake_timeout_when_worker_never_answers() -> None:
+def test_handshake_timeout_when_worker_never_answers(run: Runner) -> None:
     async def main() -> None:
         async with FakeWorker(lambda r: [HANG]) as w:
             with pytest.raises(HandshakeTimeout) as info:
@@ -104,7 +109,7 @@ def test_handshake_timeout_when_worker_never_answers() -> None:
     run(main())
 
 
-def test_handshake_timeout_when_worker_never_accepts(tmp_path) -> None:
+def test_handshake_timeout_when_worker_never_accepts(tmp_path, run: Runner) -> None:
     path = str(tmp_path / "n.sock")
     os.chmod(tmp_path, 0o700)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -120,7 +125,7 @@ def test_handshake_timeout_when_worker_never_accepts(tmp_path) -> None:
         srv.close()
 
 
-def test_connect_errors_and_path_checks(tmp_path) -> None:
+def test_connect_errors_and_path_checks(tmp_path, run: Runner) -> None:
     os.chmod(tmp_path, 0o700)
 
     async def main() -> None:
@@ -168,7 +173,7 @@ def test_peer_of_another_user_is_refused(monkeypatch) -> None:
         b.close()
 
 
-def test_dribbled_reply_and_typed_worker_error() -> None:
+def test_dribbled_reply_and_typed_worker_error(run: Runner) -> None:
     def script(req: dict) -> list | None:
         if req["op"] == "status":
             return [Dribble(ok({"kind": "status", "has_session": True, "session_id": "s"}))]
@@ -194,7 +199,9 @@ def test_dribbled_reply_and_typed_worker_error() -> None:
     [b"not json\n", b"\xff\xfe\n", b'{"ok":1}\n', b'{"ok":true,"data":{"kind":"x","v":NaN}}\n',
      b"\xef\xbb\xbf{}\n"],
 )
-def test_garbage_reply_is_a_parse_error_and_connection_survives(garbage: bytes) -> None:
+def test_garbage_reply_is_a_parse_error_and_connection_survives(
+    garbage: bytes, run: Runner
+) -> None:
     def script(req: dict) -> list | None:
         return [garbage] if req.get("token") == "bad" else None
 
@@ -216,7 +223,9 @@ def test_garbage_reply_is_a_parse_error_and_connection_survives(garbage: bytes) 
         ([b"x" * 5000 + b"\n"], ResponseTooLarge),
     ],
 )
-def test_stream_failures_break_the_connection_sticky(steps: list, error: type) -> None:
+def test_stream_failures_break_the_connection_sticky(
+    steps: list, error: type, run: Runner
+) -> None:
     async def main() -> None:
         async with FakeWorker(lambda r: steps if r["op"] == "status" else None) as w:
             c = await PoolClient.connect(w.sock_path, max_line_bytes=4096)
@@ -234,7 +243,7 @@ def test_stream_failures_break_the_connection_sticky(steps: list, error: type) -
     run(main())
 
 
-def test_too_large_names_the_limit() -> None:
+def test_too_large_names_the_limit(run: Runner) -> None:
     async def main() -> None:
         async with FakeWorker(lambda r: [b"y" * 10000] if r["op"] == "status" else None) as w:
             c = await PoolClient.connect(w.sock_path, max_line_bytes=4096)
@@ -246,7 +255,7 @@ def test_too_large_names_the_limit() -> None:
     run(main())
 
 
-def test_two_replies_at_once_is_detected_not_misdelivered() -> None:
+def test_two_replies_at_once_is_detected_not_misdelivered(run: Runner) -> None:
     def script(req: dict) -> list | None:
         if req.get("token") == 1:
             return [ok({"kind": "echo", "token": 1}) + ok({"kind": "echo", "token": "extra"})]
@@ -263,7 +272,7 @@ def test_two_replies_at_once_is_detected_not_misdelivered() -> None:
     run(main())
 
 
-def test_unsolicited_line_while_idle_is_detected() -> None:
+def test_unsolicited_line_while_idle_is_detected(run: Runner) -> None:
     async def main() -> None:
         async with FakeWorker(
             lambda r: [ok({"kind": "handshake", "version": r["version"]}),
@@ -275,7 +284,7 @@ def test_unsolicited_line_while_idle_is_detected() -> None:
     run(main())
 
 
-def test_timeout_keeps_connection_usable_and_reports_late_reply() -> None:
+def test_timeout_keeps_connection_usable_and_reports_late_reply(run: Runner) -> None:
     def script(req: dict) -> list | None:
         if req.get("token") == "slow":
             return [0.3, ok({"kind": "echo", "token": "slow"})]
@@ -298,7 +307,7 @@ def test_timeout_keeps_connection_usable_and_reports_late_reply() -> None:
     run(main())
 
 
-def test_new_request_times_out_clearly_while_late_reply_is_outstanding() -> None:
+def test_new_request_times_out_clearly_while_late_reply_is_outstanding(run: Runner) -> None:
     def script(req: dict) -> list | None:
         return [HANG] if req.get("token") == "never" else None
 
@@ -312,7 +321,7 @@ def test_new_request_times_out_clearly_while_late_reply_is_outstanding() -> None
     run(main())
 
 
-def test_fifo_callers_each_get_their_own_reply() -> None:
+def test_fifo_callers_each_get_their_own_reply(run: Runner) -> None:
     async def main() -> None:
         async with FakeWorker(lambda r: [Dribble(ok({"kind": "echo", "token": r["token"]}))]
                               if r["op"] == "echo" else None) as w, \
@@ -325,7 +334,7 @@ def test_fifo_callers_each_get_their_own_reply() -> None:
     run(main())
 
 
-def test_close_wakes_queued_callers() -> None:
+def test_close_wakes_queued_callers(run: Runner) -> None:
     async def main() -> None:
         async with FakeWorker(lambda r: [HANG] if r["op"] == "status" else None) as w:
             c = await PoolClient.connect(w.sock_path)
@@ -339,13 +348,12 @@ def test_close_wakes_queued_callers() -> None:
     run(main())
 
 
-def test_write_is_bounded_when_worker_stops_reading() -> None:
+def test_write_is_bounded_when_worker_stops_reading(run: Runner) -> None:
     """A request larger than the socket buffers, to a worker that never reads it."""
     async def main() -> None:
         def script(req: dict) -> list | None:
             return [HANG] if req["op"] == "status" else None
         async with FakeWorker(script) as w, await PoolClient.connect(w.sock_path) as c:
-            await asyncio.wait_for(asyncio.shield(asyncio.sleep(0)), 1)
             with pytest.raises(RequestTimeout):
                 await c.status(timeout=0.05)  # the worker now hangs forever: reads nothing
             with pytest.raises(RequestTimeout):
@@ -354,7 +362,7 @@ def test_write_is_bounded_when_worker_stops_reading() -> None:
     run(main())
 
 
-def test_cancellation_is_never_wrapped() -> None:
+def test_cancellation_is_never_wrapped(run: Runner) -> None:
     async def main() -> None:
         async with FakeWorker(lambda r: [HANG] if r["op"] == "status" else None) as w, \
                 await PoolClient.connect(w.sock_path) as c:
@@ -372,7 +380,121 @@ def test_encoded_request_size_matches_line() -> None:
     assert json.loads(proto.encode_request(RawRequest({"op": "x"}))) == {"op": "x"}
 
 
-def test_private_tempdir_helper_is_0700() -> None:
-    with tempfile.TemporaryDirectory() as d:
-        os.chmod(d, 0o700)
-        assert os.stat(d).st_mode & 0o777 == 0o700
+def test_connect_timeout_when_the_worker_is_not_accepting(tmp_path, run: Runner) -> None:
+    """A full listen backlog: connect() never completes, which is not a handshake timeout."""
+    path = str(tmp_path / "full.sock")
+    os.chmod(tmp_path, 0o700)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(0)
+    queued = []
+    try:
+        while True:  # fill the backlog with connections nobody accepts
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            queued.append(s)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                break
+
+        async def main() -> None:
+            with pytest.raises(ConnectTimeout) as info:
+                await PoolClient.connect(path, connect_timeout=0.2)
+            assert isinstance(info.value, TimeoutError) and isinstance(info.value, ConnectError)
+            assert "did not complete within 0.2s" in str(info.value)
+            assert "handshake" not in str(info.value)
+        run(main())
+    finally:
+        for s in queued:
+            s.close()
+        srv.close()
+
+
+def _strict_worker(version: str) -> Callable[[dict], list | None]:
+    """algocline's handshake rule: exact match, else the mismatch error (connection stays)."""
+    def script(req: dict) -> list | None:
+        if req["op"] == "handshake" and req["version"] != version:
+            return [err(f"version mismatch: client={req['version']}, server={version}")]
+        return None
+    return script
+
+
+def test_auto_version_handshakes_again_on_the_same_connection(run: Runner) -> None:
+    async def main() -> None:
+        async with FakeWorker(_strict_worker("0.31.0"), version="0.31.0") as w:
+            c = await PoolClient.connect(w.sock_path, version="auto")
+            assert c.server_version == "0.31.0" and w.connections == 1
+            assert [r["version"] for r in w.requests] == [PROTOCOL_VERSION, "0.31.0"]
+            assert (await c.status()).has_session is False
+            c.close()
+            with pytest.raises(VersionMismatch):  # the exact-match default stays
+                await PoolClient.connect(w.sock_path)
+        async with FakeWorker() as w, await PoolClient.connect(w.sock_path, version="auto") as c:
+            assert c.server_version == PROTOCOL_VERSION and len(w.requests) == 1
+    run(main())
+
+
+def test_auto_version_gives_up_after_one_retry(run: Runner) -> None:
+    def moving_target(req: dict) -> list | None:
+        if req["op"] == "handshake":
+            return [err(f"version mismatch: client={req['version']}, server=x{req['version']}")]
+        return None
+
+    async def main() -> None:
+        async with FakeWorker(moving_target) as w:
+            with pytest.raises(VersionMismatch) as info:
+                await PoolClient.connect(w.sock_path, version="auto")
+            assert info.value.server == "xx" + PROTOCOL_VERSION and len(w.requests) == 2
+    run(main())
+
+
+def test_late_reply_carries_the_callers_token_even_for_one_request_object(run: Runner) -> None:
+    """The same request object sent twice: each late reply names its own send."""
+    def script(req: dict) -> list | None:
+        return [0.2, ok({"kind": "echo", "n": req["n"]})] if req.get("op") == "slow" else None
+
+    async def main() -> None:
+        late: list[LateReply] = []
+        async with FakeWorker(script) as w, await PoolClient.connect(
+            w.sock_path, on_late_reply=late.append
+        ) as c:
+            request = RawRequest({"op": "slow", "n": 1})
+            first, second = object(), object()
+            with pytest.raises(RequestTimeout):
+                await c.send_request(request, timeout=0.02, token=first)
+            with pytest.raises(RequestTimeout):  # still waiting for the first's late reply
+                await c.send_request(request, timeout=0.02, token=second)
+            await c.settle(timeout=5)
+            assert [lr.token for lr in late] == [first]
+            assert late[0].request is request and late[0].response is not None
+            assert [r["op"] for r in w.requests] == ["handshake", "slow"]
+            with pytest.raises(RequestTimeout):
+                await c.send_request(request, timeout=0.02, token=second)
+            await c.settle(timeout=5)
+            assert [lr.token for lr in late] == [first, second] and c.owed_replies == 0
+    run(main())
+
+
+def test_fan_out_to_sixteen_workers_concurrently(run: Runner) -> None:
+    """One loop, sixteen connections, all requests in flight together: each its own reply."""
+    async def main() -> None:
+        workers = [FakeWorker(lambda r, i=i: [Dribble(ok({"kind": "echo", "worker": i,
+                                                        "token": r["token"]}))]
+                              if r["op"] == "echo" else None) for i in range(16)]
+        for w in workers:
+            await w.__aenter__()
+        try:
+            clients = await asyncio.gather(*(PoolClient.connect(w.sock_path) for w in workers))
+            for round_ in range(5):
+                replies = await asyncio.gather(*(
+                    c.send_request(RawRequest({"op": "echo", "token": round_ * 100 + i}))
+                    for i, c in enumerate(clients)))
+                assert [(r.raw["data"]["worker"], r.raw["data"]["token"]) for r in replies] == [
+                    (i, round_ * 100 + i) for i in range(16)]
+            for c in clients:
+                c.close()
+        finally:
+            for w in workers:
+                await w.__aexit__()
+    run(main())

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from pool_notebook import ConnectionBroken, PoolClient, RawRequest, RequestTimeout
 from pool_notebook.client import LateReply
-from tests.fakes import Dribble, FakeWorker, ok, run
+from tests.fakes import Dribble, FakeWorker, ok
+
+Runner = Callable[[Any], Any]  # the conftest ``run`` fixture: asyncio, then uvloop
 
 
 def _behaviour(req: dict[str, Any]) -> list[Any] | None:
@@ -35,7 +38,7 @@ def _behaviour(req: dict[str, Any]) -> list[Any] | None:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_randomized_cancellations_and_timeouts_never_misdeliver(seed: int) -> None:
+def test_randomized_cancellations_and_timeouts_never_misdeliver(seed: int, run: Runner) -> None:
     rng = random.Random(seed)
 
     async def main() -> None:
@@ -75,7 +78,7 @@ def test_randomized_cancellations_and_timeouts_never_misdeliver(seed: int) -> No
     run(main())
 
 
-def test_interleaved_concurrent_callers_with_cancellation() -> None:
+def test_interleaved_concurrent_callers_with_cancellation(run: Runner) -> None:
     rng = random.Random(7)
 
     async def main() -> None:
@@ -128,7 +131,7 @@ class _Interrupting:
 
 
 @pytest.mark.parametrize("point", range(1, 16))
-def test_keyboard_interrupt_at_each_io_step_never_misdelivers(point: int) -> None:
+def test_keyboard_interrupt_at_each_io_step_never_misdelivers(point: int, run: Runner) -> None:
     async def main() -> None:
         async with FakeWorker(_behaviour) as w:
             c = await PoolClient.connect(w.sock_path, spin_seconds=0)

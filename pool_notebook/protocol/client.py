@@ -74,6 +74,8 @@ class State(enum.Enum):
     BROKEN = "broken"  # the stream is in an unknowable state (sticky)
     CLOSED = "closed"  # closed by its owner, or cleanly by the worker
 
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is slow Python
+
 
 class Input(enum.Enum):
     """What can happen to a connection; the table maps (state, input) to the next state."""
@@ -90,6 +92,8 @@ class Input(enum.Enum):
     EOF = "the worker closed the connection while nothing was owed"
     FAIL = "the stream failed or misbehaved"
     CLOSE = "the owner closed the connection"
+
+    __hash__ = object.__hash__
 
 
 _S, _I = State, Input
@@ -203,6 +207,9 @@ Event = (
 )
 
 
+_UNUSABLE: Final = frozenset({State.BROKEN, State.CLOSED})
+
+
 @dataclass(slots=True)
 class _Exchange:
     """The request in flight: its line, how much of it is still unwritten, who waits."""
@@ -250,6 +257,11 @@ class ClientConnection:
         return self._exchange.request if self._exchange is not None else None
 
     @property
+    def in_flight_context(self) -> Any:
+        """The ``context`` given to ``send`` for the request in flight (None if none)."""
+        return self._exchange.context if self._exchange is not None else None
+
+    @property
     def broken(self) -> ConnectionBroken | None:
         """The sticky error once the connection is ``BROKEN``."""
         return self._failure
@@ -278,13 +290,16 @@ class ClientConnection:
         ``IDLE``. Bytes received while nothing was owed make this raise
         ``UnsolicitedResponse`` (or ``ConnectionClosed`` after EOF) instead.
         """
-        move = Input.SEND_HANDSHAKE if isinstance(request, Handshake) else Input.SEND
-        if move not in TRANSITIONS[self.state]:
+        is_handshake = isinstance(request, Handshake)
+        move = Input.SEND_HANDSHAKE if is_handshake else Input.SEND
+        row = TRANSITIONS[self.state]
+        if move not in row:
             self.check_usable()
             raise ProtocolStateError(self.state.value, move.value)
         line = encode_request(request)
-        self._check_quiet()
-        self._move(move)
+        if self._eof or len(self._buffer):
+            self._check_quiet()
+        self.state = row[move]
         self._exchange = _Exchange(
             request, line, memoryview(line), context,
             expected_version=request.version if isinstance(request, Handshake) else None,
@@ -350,7 +365,8 @@ class ClientConnection:
         Raises what broke the stream (``UnsolicitedResponse``, ``ResponseTooLarge``,
         ``ConnectionClosed``) once, and ``ConnectionBroken`` after that.
         """
-        self.check_usable()
+        if self.state in _UNUSABLE:
+            self.check_usable()
         try:
             line = self._buffer.next_line()
         except ProtocolError as exc:
