@@ -103,7 +103,7 @@ class Sandbox:
     def __init__(self, lua: Any, policy: SandboxPolicy) -> None:
         self.policy = policy
         self._roots = _roots((*policy.package_dirs, policy.scenarios_dir))
-        chunk = lua.eval("load")(_bytecode(lua.__class__), "=[sandbox]", "b")
+        chunk = lua.eval("load")(_bytecode(lua.__class__), "=<sandbox>", "b")
         host = lua.table_from({"resolve": self.resolve, "getenv": policy.getenv,
                                "log": policy.log,
                                "devices": lua.table_from(dict.fromkeys(_DEVICES, True))})
@@ -163,7 +163,7 @@ def _bytecode(runtime_class: type) -> bytes:
     new runtime costs a fifth of parsing the source again (~60 µs instead of ~280)."""
     source = resources.files(__package__).joinpath("sandbox.lua").read_bytes()
     compiler = runtime_class(encoding=None)
-    dump = compiler.eval("function(s) return string.dump(assert(load(s, '=[sandbox]', 't'))) end")
+    dump = compiler.eval("function(s) return string.dump(assert(load(s, '=<sandbox>', 't'))) end")
     code: bytes = dump(source)
     return code
 
