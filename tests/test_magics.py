@@ -180,6 +180,17 @@ def test_library_errors_are_one_line_with_the_magics_hint(ip: InteractiveShell) 
     assert "Traceback" in out and "hint:" not in out
 
 
+def test_protocol_version_auto_speaks_the_workers_version(ip: InteractiveShell) -> None:
+    ip.user_ns["old"] = ("{python} -m pool_notebook.worker --sid {sid} --sock {sock} "
+                         "--protocol-version 0.31.0")
+    result, out, _ = _cell(ip, '%pool_connect --spawn "$old" --name strict')
+    assert isinstance(result.error_in_exec, errors.VersionMismatch)
+    assert "--protocol-version 0.31.0 (or --protocol-version auto)" in out
+    conn = ip.run_line_magic("pool_connect", '--spawn "$old" --protocol-version auto --name a')
+    assert conn.version == "0.31.0"
+    assert ip.run_line_magic("pool_send", "status").ok
+
+
 def test_usage_errors_only_for_the_magic_line(ip: InteractiveShell,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UsageError, match="unrecognized arguments"):
@@ -298,6 +309,20 @@ def test_progress_line_for_long_respond_runs(ip: InteractiveShell) -> None:
         captured.stdout
     assert "pause 1, answering 1 query" in shown
     assert "completed, 2 pauses answered" in shown
+
+
+def test_status_history_shows_the_conversation(ip: InteractiveShell) -> None:
+    ip.run_line_magic("pool_connect", "")
+    ip.run_cell_magic("pool_run", "--out s", "local a = alc.llm('first?')\n"
+                      "return a .. alc.llm('second?')")
+    pool_notebook.loop.runner.run(ip.user_ns["s"].answer("one"))
+    reply = ip.run_line_magic("pool_status", "--history")
+    assert reply.ok, reply.payload
+    page = ip.display_formatter.format(reply)[0]["text/html"]  # as the cell shows it
+    table = page.split("conversation history")[1]
+    rows = re.findall(r"<tr><td><code>(q-\d+)</code></td><td[^>]*>([^<]*)</td><td[^>]*>([^<]*)",
+                      table)
+    assert [(p, r) for _q, p, r in rows] == [("first?", "one"), ("second?", "(pending)")]
 
 
 def test_history_plot_is_drawn_once_with_or_without_semicolon(ip: InteractiveShell) -> None:
