@@ -422,10 +422,10 @@ def _strict_worker(version: str) -> Callable[[dict], list | None]:
 
 def test_auto_version_handshakes_again_on_the_same_connection(run: Runner) -> None:
     async def main() -> None:
-        async with FakeWorker(_strict_worker("0.31.0"), version="0.31.0") as w:
+        async with FakeWorker(_strict_worker("0.32.0"), version="0.32.0") as w:
             c = await PoolClient.connect(w.sock_path, version="auto")
-            assert c.server_version == "0.31.0" and w.connections == 1
-            assert [r["version"] for r in w.requests] == [PROTOCOL_VERSION, "0.31.0"]
+            assert c.server_version == "0.32.0" and w.connections == 1
+            assert [r["version"] for r in w.requests] == [PROTOCOL_VERSION, "0.32.0"]
             assert (await c.status()).has_session is False
             c.close()
             with pytest.raises(VersionMismatch):  # the exact-match default stays
