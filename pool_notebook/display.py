@@ -98,8 +98,9 @@ _FUNC_AT = re.compile(r'<(?P<chunk>\[string "[^"\n]*"\]|[^\s:<>]+):(?P<line>\d+)
 
 
 def _internal(chunk: str) -> bool:
-    """The runtime's own chunks: C functions and ``[string "<...>"]`` glue code."""
-    return chunk in ("[C]", "?") or chunk.startswith(('[string "<', "=", "[string \"="))
+    """The runtime's own chunks: C functions and glue named ``<...>`` (``[string "<python>"]``,
+    the sandbox's ``<sandbox>``)."""
+    return chunk in ("[C]", "?") or chunk.startswith(('[string "<', "<", "=", '[string "='))
 
 
 @dataclass(frozen=True)

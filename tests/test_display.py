@@ -110,6 +110,16 @@ def test_error_html_leads_with_the_message_and_escapes(worker_errors: dict[str, 
     assert "error(&#x27;boom from Lua&#x27;)" in visible
 
 
+def test_sandbox_frames_are_runtime_frames() -> None:
+    raw = ("run:2: module 'nope' not found\nstack traceback:\n\t[C]: in function 'error'\n"
+           "\t<sandbox>:276: in function 'require'\n\trun:2: in main chunk\n"
+           "\t[C]: in function 'xpcall'")
+    err = parse_lua_error(raw, "local x = 1\nlocal m = require('nope')")
+    assert (err.message, err.line, err.source) == ("module 'nope' not found", 2,
+                                                   "local m = require('nope')")
+    assert err.frames == () and "sandbox" not in err.text()
+
+
 def test_unknown_shapes_are_kept_whole() -> None:
     err = parse_lua_error("session start failed: out of memory")
     assert err.message == "session start failed: out of memory"
