@@ -41,6 +41,8 @@ __all__ = ["Connection", "ConnectionManager", "ConnectionState", "Reply", "find_
 _BARE_OPS = ("shutdown", "status")
 #: How algocline's worker refuses a second ``run`` (one session per process).
 _REFUSAL = "already has an active session"
+#: The request path's outcomes (an enum member lookup costs ~0.1 µs on Python 3.11).
+_OK, _WORKER_ERROR = Outcome.OK, Outcome.WORKER_ERROR
 
 
 def parse_request(text: str) -> proto.Request:
@@ -93,7 +95,7 @@ class Reply:
 
     @property
     def ok(self) -> bool:
-        return self.outcome is Outcome.OK
+        return self.outcome is _OK
 
     @property
     def feed(self) -> proto.FeedResult | None:
@@ -231,7 +233,7 @@ class Connection:
             self._gave_up(ticket, request, sent_ns, start, outcome, exc)
             raise
         latency = _ms(start)
-        outcome = Outcome.OK if response.ok else Outcome.WORKER_ERROR
+        outcome = _OK if response.ok else _WORKER_ERROR
         seq = self._record(request, sent_ns, latency, outcome, response, None)
         return Reply(self.name, request, seq, outcome, latency, response)
 
@@ -332,7 +334,7 @@ class Connection:
 def _refused(reply: Reply) -> bool:
     """Is this ``run`` reply algocline's one-session-per-worker refusal?"""
     error = reply.response.error if reply.response is not None else None
-    return reply.outcome is Outcome.WORKER_ERROR and _REFUSAL in (error or "")
+    return reply.outcome is _WORKER_ERROR and _REFUSAL in (error or "")
 
 
 def _ms(start: float) -> float:

@@ -22,7 +22,8 @@ import sqlite3
 import threading
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from itertools import repeat
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -123,6 +124,13 @@ _RowKey = tuple[str | None, ...]
 WRITE_INTERVAL = 0.5
 
 
+def _nullable(column: tuple[int, ...]) -> Iterable[int | None]:
+    """A counts column for SQL: -1 (not reported) becomes NULL."""
+    if max(column, default=-1) < 0:
+        return repeat(None, len(column))
+    return [None if value < 0 else value for value in column]
+
+
 def default_path() -> Path | None:
     """``$POOL_NOTEBOOK_HISTORY`` (empty or ``off`` disables), else ``<home>/history.sqlite``."""
     value = os.environ.get("POOL_NOTEBOOK_HISTORY")
@@ -158,10 +166,11 @@ class History:
         self._sent = array.array("q")
         self._req = array.array("q")
         self._resp = array.array("q")
-        self._counts = array.array("q")  # 4 per row, in Counts order
+        self._counts: dict[int, Counts] = {}  # sparse: most requests report none
         self._kid = array.array("i")
         self._latency = array.array("d")  # appended last: its length is the row count
         self._keys: list[_RowKey] = []
+        self._plain_keys: list[_RowKey] = []  # the writer's str-only copy of _keys
         self._key_ids: dict[_RowKey, int] = {}
         self._flushed = 0
         self._dirty: set[int] = set()
@@ -214,7 +223,8 @@ class History:
         self._sent.append(sent_ns)
         self._req.append(request_bytes)
         self._resp.append(response_bytes)
-        self._counts.extend(counts or _NO_COUNTS)
+        if counts is not None:
+            self._counts[seq] = counts
         self._latency.append(latency_ms)
         if self._writer is None and self.path is not None:
             self._start_writer()
@@ -233,7 +243,7 @@ class History:
             self._latency[seq] = latency_ms
             self._resp[seq] = response_bytes
             if counts is not None:
-                self._counts[4 * seq:4 * seq + 4] = array.array("q", counts)
+                self._counts[seq] = counts
             self._dirty.add(seq)
 
     def row(self, seq: int) -> dict[str, Any]:
@@ -244,7 +254,7 @@ class History:
         out.update(seq=seq, kernel_session=self.kernel_session, worker_pid=self._pid[seq],
                    sent_ns=self._sent[seq], request_bytes=self._req[seq],
                    response_bytes=self._resp[seq], latency_ms=self._latency[seq])
-        for name, value in zip(_COUNT_COLUMNS, self._counts[4 * seq:4 * seq + 4], strict=True):
+        for name, value in zip(_COUNT_COLUMNS, self._counts.get(seq, _NO_COUNTS), strict=True):
             out[name] = None if value < 0 else value
         return out
 
@@ -277,7 +287,10 @@ class History:
             "request_bytes": ints(self._req),
             "response_bytes": ints(self._resp),
         }
-        counts = np.frombuffer(self._counts, dtype=np.int64, count=4 * n).reshape(n, 4)
+        counts = np.full((n, 4), -1, dtype=np.int64)
+        if self._counts:
+            seqs = np.fromiter(self._counts, dtype=np.int64, count=len(self._counts))
+            counts[seqs] = np.array(list(self._counts.values()), dtype=np.int64)
         for j, name in enumerate(_COUNT_COLUMNS):
             values = counts[:, j].copy()
             data[name] = pd.arrays.IntegerArray(values, values < 0)
@@ -337,12 +350,31 @@ class History:
         return self._db
 
     def _snapshot(self) -> tuple[int, list[tuple[Any, ...]]]:
-        """Rows recorded or updated since the last write, as SQL tuples."""
+        """Rows recorded or updated since the last write, as SQL tuples.
+
+        New rows are converted column-wise (``zip`` over array slices, in C): the
+        writer holds the GIL for well under a microsecond per row.
+        """
         with self._lock:
-            n = len(self)
-            seqs = sorted(self._dirty.union(range(self._flushed, n)))
+            lo, n = self._flushed, len(self)
+            updated = sorted(seq for seq in self._dirty if seq < lo)
             self._dirty.clear()
-            rows = [tuple(row[c] for c in _SQL_COLUMNS) for row in map(self.row, seqs)]
+            rows = [tuple(row[c] for c in _SQL_COLUMNS) for row in map(self.row, updated)]
+            for key in self._keys[len(self._plain_keys):]:
+                self._plain_keys.append(tuple(None if v is None else str(v) for v in key))
+            columns = list(zip(*map(self._plain_keys.__getitem__, self._kid[lo:n]),
+                               strict=True))
+            if not columns:
+                return n, rows
+            (conn, sock, version, op, session, query, outcome, error_type, error_message,
+             feed) = columns
+            counts = list(zip(*map(self._counts.get, range(lo, n), repeat(_NO_COUNTS, n - lo)),
+                              strict=True))
+            new = zip(range(lo, n), repeat(self.kernel_session), conn, sock, self._pid[lo:n],
+                      version, op, session, query, self._sent[lo:n], self._latency[lo:n],
+                      outcome, error_type, error_message, self._req[lo:n], self._resp[lo:n],
+                      feed, *map(_nullable, counts), strict=False)
+        rows.extend(new)
         return n, rows
 
     def _write(self) -> int:
