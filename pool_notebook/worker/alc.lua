@@ -612,11 +612,12 @@ local function read_file(path)
   return text
 end
 
+-- False, not an error, for a path the sandbox refuses (its io.open raises).
 local function is_file(path)
   local open = io and io.open
   if type(path) ~= "string" or not open then return false end
-  local f = open(path, "r")
-  if not f then return false end
+  local ok, f = pcall(open, path, "r")
+  if not ok or not f then return false end
   f:close()
   return true
 end

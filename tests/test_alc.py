@@ -1,0 +1,519 @@
+"""The ``alc`` API, function by function, on the real worker over its socket.
+
+Expected values are algocline's: its prelude and bridge code and its own Lua
+tests (crates/algocline-engine/tests/lua/, bridge/*.rs tests), e.g.
+``parse_score("15") == 10``, ``vote`` returning ``{winner, count, total}``,
+``json_encode({}) == "{}"``, ``chunk`` windows, ``match_enum`` picking the
+latest candidate, state files under ``<home>/state/<ns>.json`` and cards under
+``<home>/cards/<pkg>/<card_id>.toml``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pool_notebook.protocol import Query
+from tests.alc_worker import LuaFailed, SharedWorker, shared_worker
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
+
+
+@pytest.fixture(scope="module")
+def w() -> Iterator[SharedWorker]:
+    yield from shared_worker()
+
+
+def fails(text: str) -> pytest.RaisesContext[LuaFailed]:
+    """The session fails with an error containing ``text``."""
+    return pytest.raises(LuaFailed, match=re.escape(text))
+
+
+def echo(query: Query) -> str:
+    return f"echo: {query.prompt}"
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def test_json_encode_is_compact_with_sorted_keys_and_empty_tables_as_objects(
+        w: SharedWorker) -> None:
+    assert w.run('return alc.json_encode({b = 1, a = {x = "q\\"uote"}, c = {1, 2}})') == \
+        '{"a":{"x":"q\\"uote"},"b":1,"c":[1,2]}'
+    assert w.run("return alc.json_encode({})") == "{}"
+    assert w.run("return alc.json_encode(alc.json_decode('[]'))") == "[]"
+    assert w.run("return alc.json_encode(nil)") == "null"
+    assert w.run("return alc.json_encode(1.5)") == "1.5"
+
+
+def test_json_decode_values_and_errors(w: SharedWorker) -> None:
+    assert w.run("""local v = alc.json_decode('{"a":1,"b":"two","c":[true,false]}')
+                    return {v.a, v.b, #v.c, math.type(v.a)}""") == [1, "two", 2, "integer"]
+    assert w.run("return alc.json_decode('3.5') + 1") == 4.5
+    assert w.run("""local ok, e = pcall(alc.json_decode, '{bad')
+                    return {ok, type(e), e:match('^alc.json_decode') ~= nil}""") == \
+        [False, "string", True]
+    assert w.run("""local ok, e = pcall(alc.json_decode, 42)
+                    return e""").endswith("alc.json_decode: the argument must be a string, got "
+                                          "number")
+
+
+def test_json_null_decodes_to_a_non_nil_sentinel_and_encodes_back(w: SharedWorker) -> None:
+    result = w.run("""local v = alc.json_decode('{"a":null,"b":[1,null]}')
+                      return {a_is_nil = v.a == nil, same = v.a == alc.null,
+                              again = alc.json_encode(v)}""")
+    if result["a_is_nil"]:
+        pytest.skip("the runtime has no null sentinel yet (session.null)")
+    assert result["same"] is True
+    assert result["again"] == '{"a":null,"b":[1,null]}'
+
+
+def test_json_extract_raw_fenced_embedded_and_arrays(w: SharedWorker) -> None:
+    assert w.run("""return alc.json_extract('{"a": 1}')""") == {"a": 1}
+    assert w.run("""return alc.json_extract('Here:\\n```json\\n{"k": [1, 2]}\\n```\\nbye')""") == \
+        {"k": [1, 2]}
+    assert w.run("""return alc.json_extract('The result is {"ok": true} as asked')""") == \
+        {"ok": True}
+    assert w.run("""return alc.json_extract('list: [1, 2, 3] done')""") == [1, 2, 3]
+    assert w.run("""return alc.json_extract('{broken} then {"good": 2}')""") == {"good": 2}
+    assert w.run("""return {alc.json_extract('no json here') == nil,
+                            alc.json_extract(42) == nil, alc.json_extract('"str"') == nil}""") \
+        == [True, True, True]
+
+
+# ----------------------------------------------------------------------------- LLM wrappers
+
+
+def test_llm_json_retries_once_with_a_repair_prompt(w: SharedWorker) -> None:
+    parsed, raw = w.run("return {alc.llm_json('Give me JSON', {system = 's'})}",
+                        ["sorry, no", '```json\n{"k": 1}\n```'])
+    assert parsed == {"k": 1} and raw == '```json\n{"k": 1}\n```'
+    first, second = w.queries
+    assert first.prompt == "Give me JSON" and first.system == "s"
+    assert second.prompt.startswith("The previous response was not valid JSON.")
+    assert "Previous output:\nsorry, no" in second.prompt
+    assert second.prompt.endswith("Original request:\nGive me JSON")
+    assert second.system == "Output ONLY valid JSON. No markdown fences, no explanation."
+
+
+def test_llm_json_gives_nil_and_the_raw_text_when_the_retry_fails_too(w: SharedWorker) -> None:
+    assert w.run("local p, raw = alc.llm_json('x'); return {p == nil, raw}",
+                 ["nope", "still nope"]) == [True, "still nope"]
+    assert w.run("local p, raw = alc.llm_json('x'); return {p, raw}", ['{"a": [1]}']) == \
+        [{"a": [1]}, '{"a": [1]}']
+    assert len(w.queries) == 1
+
+
+def test_llm_options_reach_the_query(w: SharedWorker) -> None:
+    w.run("""return {alc.llm('p', {system = 'sys', max_tokens = 64}), alc.ground('claim'),
+                     alc.specify('which?', {system = 'x'})}""", echo)
+    q1, q2, q3 = w.queries
+    assert (q1.system, q1.max_tokens, q1.grounded) == ("sys", 64, False)
+    assert (q2.prompt, q2.grounded, q2.max_tokens) == ("claim", True, 1024)
+    assert (q3.underspecified, q3.system) == (True, "x")
+
+
+def test_llm_batch_sends_one_pause_and_rejects_an_empty_list(w: SharedWorker) -> None:
+    assert w.run("return alc.llm_batch({{prompt = 'a'}, {prompt = 'b', system = 's'}})",
+                 echo) == ["echo: a", "echo: b"]
+    assert [q.id for q in w.queries] == ["q-0", "q-1"]
+    assert w.queries[1].system == "s"
+    with fails("alc.llm_batch: empty items array"):
+        w.run("return alc.llm_batch({})")
+
+
+def test_llm_safe_returns_the_default_on_error(w: SharedWorker) -> None:
+    assert w.run("return alc.llm_safe(42, nil, 'fallback')") == "fallback"
+    assert w.run("return alc.llm_safe('ok?', nil, 'fallback')", ["fine"]) == "fine"
+
+
+def test_parallel_batches_applies_shared_opts_and_post_fn(w: SharedWorker) -> None:
+    result = w.run("""return alc.parallel({'x', 'y'}, function(item, i) return item .. i end,
+        {system = 'S', max_tokens = 9,
+         post_fn = function(resp, item, i) return item .. ':' .. resp .. ':' .. i end})""",
+                   echo)
+    assert result == ["x:echo: x1:1", "y:echo: y2:2"]
+    assert [(q.system, q.max_tokens) for q in w.queries] == [("S", 9), ("S", 9)]
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    ("alc.parallel({}, function(x) return x end)", "items must be a non-empty array"),
+    ("alc.parallel({'a'}, 'not a function')", "prompt_fn must be a function"),
+    ("alc.parallel({'a'}, function() return 42 end)",
+     "prompt_fn must return string or table, got number at index 1"),
+    ("alc.parallel({'a'}, function() return {system = 'hi'} end)",
+     "prompt_fn returned table without .prompt at index 1"),
+])
+def test_parallel_validates_like_algocline(w: SharedWorker, call: str, message: str) -> None:
+    with fails(message):
+        w.run(f"return {call}")
+
+
+def test_cache_answers_repeats_without_asking(w: SharedWorker) -> None:
+    result = w.run("""local a = alc.cache('Summarize X')
+                      local b = alc.cache('summarize   x')  -- same fingerprint
+                      local c = alc.cache('Summarize X', {cache_skip = true})
+                      local info = alc.cache_info()
+                      alc.cache_clear()
+                      return {a, b, c, info, alc.cache_info()}""", echo)
+    a, b, c, info, cleared = result
+    assert a == b == "echo: Summarize X" and c == "echo: Summarize X"
+    assert len(w.queries) == 2
+    assert info == {"entries": 1, "hits": 1, "misses": 1, "max_entries": 256}
+    assert cleared["hits"] == 0 and cleared["misses"] == 0
+
+
+# ----------------------------------------------------------------------------- combinators
+
+
+def test_vote_returns_winner_count_total(w: SharedWorker) -> None:
+    assert w.run("return alc.vote({'yes', ' yes ', 'no', 'yes'})") == \
+        {"winner": "yes", "count": 3, "total": 4}
+    assert w.run("return alc.vote({'a', 'b'})") == {"winner": "a", "count": 1, "total": 2}
+    assert w.run("return alc.vote({})") == {"count": 0, "total": 0}
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ("'Score: 8/10'", 8), ("'no digits'", 5), ("'15'", 10), ("'0'", 1),
+    ("'nothing', 3", 3), ("'7.9'", 7), ("nil", 5),
+])
+def test_parse_score_first_integer_clamped(w: SharedWorker, args: str, expected: int) -> None:
+    assert w.run(f"return alc.parse_score({args})") == expected
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ("'Found 3 subtasks to implement'", 3), ("'Score: 7.5/10'", 7.5),
+    ("'Created 3 subtasks for implementation', '(%d+)%s+subtask'", 3),
+    ("'Temperature: -5 degrees'", -5), ("'no numbers here'", None), ("42", None),
+])
+def test_parse_number(w: SharedWorker, args: str, expected: float | None) -> None:
+    assert w.run(f"return alc.parse_number({args})") == expected
+
+
+def test_map_filter_reduce(w: SharedWorker) -> None:
+    assert w.run("return alc.map({1, 2, 3}, function(x, i) return x * 10 + i end)") == \
+        [11, 22, 33]
+    assert w.run("return alc.filter({1, 2, 3, 4}, function(x) return x % 2 == 0 end)") == [2, 4]
+    assert w.run("return alc.reduce({10, 20, 30}, function(a, x) return a + x end)") == 60
+    assert w.run("return alc.reduce({'a', 'b', 'c'}, function(a, x) return a .. x end)") == "abc"
+    assert w.run("""local seen = {}
+        alc.reduce({10, 20, 30}, function(a, x, i) seen[#seen + 1] = i; return a + x end)
+        return seen""") == [2, 3]
+    assert w.run("return alc.reduce({5}, function(a, x) return a * x end, 10)") == 50
+
+
+def test_fingerprint_is_normalized_djb2(w: SharedWorker) -> None:
+    fp, same, other = w.run("""return {alc.fingerprint('  Hello  World  '),
+        alc.fingerprint('hello world'), alc.fingerprint('hello there')}""")
+    assert fp == same != other
+    h = 5381
+    for b in b"hello world":
+        h = (h * 33 + b) % 2**32
+    assert fp == f"{h:08x}"
+
+
+def test_tuning_deep_merges_dicts_and_replaces_arrays(w: SharedWorker) -> None:
+    assert w.run("""return alc.tuning({exponents = {alpha = 1.0, beta = 1.0}, list = {1, 2},
+                                       k = 3, _schema = {x = 1}},
+                                      {exponents = {alpha = 2.0}, list = {9}, other = 1})""") == \
+        {"exponents": {"alpha": 2.0, "beta": 1.0}, "list": [9], "k": 3}
+    assert w.run("return alc.tuning({k = 1, j = 2}, {pkg = {k = 5}}, {prefix = 'pkg'})") == \
+        {"k": 5, "j": 2}
+
+
+def test_pipe_passes_results_on_as_task_and_records_history(w: SharedWorker) -> None:
+    result = w.run("""return alc.pipe({
+            function(c) c.result = {n = 1}; return c end,
+            function(c) c.result = 'saw ' .. c.task; return c end,
+          }, {task = 'start'})""")
+    assert result["result"] == 'saw {"n":1}'
+    assert result["pipe_history"] == [{"strategy": "(inline-1)", "result": {"n": 1}},
+                                      {"strategy": "(inline-2)", "result": 'saw {"n":1}'}]
+    skipped = w.run("""return alc.pipe({function() error('boom') end,
+            function(c) c.result = 'ok'; return c end}, {task = 't'}, {on_error = 'skip'})""")
+    assert skipped["result"] == "ok" and "boom" in skipped["pipe_history"][0]["error"]
+    with fails("alc.pipe: strategies must be a non-empty array"):
+        w.run("return alc.pipe({}, {})")
+
+
+def test_fork_runs_strategies_together_with_one_batch_per_round(
+        w: SharedWorker, tmp_path: Path) -> None:
+    (tmp_path / "s_upper.lua").write_text(
+        "return {run = function(ctx) return {out = alc.llm('up ' .. ctx.task):upper()} end}")
+    (tmp_path / "s_twice.lua").write_text(
+        "return {run = function(ctx) local a = alc.llm('one ' .. ctx.task)\n"
+        "return {out = a .. '+' .. alc.llm('two ' .. ctx.task)} end}")
+    (tmp_path / "s_fail.lua").write_text("return {run = function() error('nope') end}")
+    results = w.run("return alc.fork({'s_upper', 's_twice', 's_fail'}, {task = 'x'})", echo,
+                    lib_paths=[str(tmp_path)])
+    assert results[0] == {"strategy": "s_upper", "ok": True, "result": {"out": "ECHO: UP X"}}
+    assert results[1] == {"strategy": "s_twice", "ok": True,
+                          "result": {"out": "echo: one x+echo: two x"}}
+    assert results[2]["ok"] is False and "nope" in results[2]["error"]
+    assert [q.prompt for q in w.queries] == ["up x", "one x", "two x"]
+    with fails("invalid strategy name"):
+        w.run("return alc.fork({'../etc'}, {})")
+
+
+# ----------------------------------------------------------------------------- text
+
+
+@pytest.mark.parametrize(("text", "opts", "expected"), [
+    ("a\nb\nc\nd\ne", "{size = 2}", ["a\nb", "c\nd", "e"]),
+    ("", "nil", []),
+    ("a\nb", "{size = 10}", ["a\nb"]),
+    ("a\nb\nc\nd", "{size = 2, overlap = 1}", ["a\nb", "b\nc", "c\nd"]),
+    ("a\nb", "{size = 0}", []),
+    ("abcdefg", "{mode = 'chars', size = 3}", ["abc", "def", "g"]),
+    ("abcdef", "{mode = 'chars', size = 4, overlap = 2}", ["abcd", "cdef"]),
+    ("line\r\nnext\n", "{size = 1}", ["line", "next"]),
+])
+def test_chunk(w: SharedWorker, text: str, opts: str, expected: list[str]) -> None:
+    assert w.run(f"return alc.chunk({json.dumps(text)}, {opts})") == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Verdict: BLOCKED. Fix the issues.", "BLOCKED"),
+    ("the answer is pass", "PASS"),
+    ("First PASS, but on reflection BLOCKED", "BLOCKED"),
+    ("Result: PASSS", "PASS"),
+    ("nothing relevant", None),
+])
+def test_match_enum(w: SharedWorker, text: str, expected: str | None) -> None:
+    assert w.run(f"return alc.match_enum({json.dumps(text)}, {{'PASS', 'BLOCKED'}})") == expected
+
+
+def test_match_enum_threshold(w: SharedWorker) -> None:
+    assert w.run("return alc.match_enum('PAS', {'PASS'}, {threshold = 0.99})") is None
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Approved. The plan looks good.", True), ("rejected: missing tests", False),
+    ("I need more information", None), ("No, wait: yes", True), ("yes... actually no", False),
+    ("nobody knows", None), ("LGTM", True),
+])
+def test_match_bool(w: SharedWorker, text: str, expected: bool | None) -> None:
+    assert w.run(f"return alc.match_bool({json.dumps(text)})") is expected
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def test_state_functions_persist_per_namespace(w: SharedWorker) -> None:
+    ns = "t_state"
+    result = w.run("""
+        alc.state.set('x', {1, 2})
+        local first = alc.state.set_nx('once', 'a')
+        local second = alc.state.set_nx('once', 'b')
+        local n1 = alc.state.incr('n')
+        local n2 = alc.state.incr('n', 2.5)
+        local m = alc.state.incr('m', 1, 10)
+        local u = alc.state.update('counter', function(c) return c + 1 end, 41)
+        alc.state.set('gone', true)
+        alc.state.delete('gone')
+        local keys = alc.state.keys()
+        table.sort(keys)
+        return {x = alc.state.get('x'), first = first, second = second,
+                once = alc.state.get('once'),
+                n = {n1, n2}, m = m, u = u, has = {alc.state.has('x'), alc.state.has('gone')},
+                missing = alc.state.get('missing', 'dflt'), keys = keys}""", ctx={"_ns": ns})
+    assert result == {"x": [1, 2], "first": True, "second": False, "once": "a",
+                      "n": [1.0, 3.5], "m": 11.0, "u": 42,
+                      "has": [True, False], "missing": "dflt",
+                      "keys": ["counter", "m", "n", "once", "x"]}
+    on_disk = json.loads((w.home / "state" / f"{ns}.json").read_text())
+    assert on_disk["x"] == [1, 2] and on_disk["n"] == 3.5
+    # the next session sees it; another namespace does not
+    assert w.run("return alc.state.get('once')", ctx={"_ns": ns}) == "a"
+    assert w.run("return alc.state.get('once', 'none')") == "none"
+    with fails("incr: value at 'x' is not a number"):
+        w.run("return alc.state.incr('x')", ctx={"_ns": ns})
+    with fails("Invalid namespace"):
+        w.run("return alc.state.get('k')", ctx={"_ns": "../evil"})
+
+
+# ----------------------------------------------------------------------------- cards
+
+
+def test_card_lifecycle_on_disk(w: SharedWorker) -> None:
+    created = w.run("""return alc.card.create({pkg = {name = 'cot'},
+        model = {id = 'claude-opus-4-6'}, params = {depth = 3},
+        stats = {pass_rate = 0.75, n = 4}, scenario = {name = 'math'}})""")
+    card_id, path = created["card_id"], Path(created["path"])
+    assert card_id.startswith("cot_opus46_")
+    assert path == w.home / "cards" / "cot" / f"{card_id}.toml"
+    on_disk = tomllib.loads(path.read_text())
+    assert on_disk["schema_version"] == "card/v0" and on_disk["pkg"] == {"name": "cot"}
+    assert len(on_disk["param_fingerprint"]) == 16
+    card = w.run(f"return alc.card.get('{card_id}')")
+    assert card["stats"] == {"pass_rate": 0.75, "n": 4} and card["card_id"] == card_id
+    merged = w.run(f"return alc.card.append('{card_id}', {{notes = {{text = 'hi'}}}})")
+    assert merged["notes"] == {"text": "hi"}
+    with fails("key 'stats' already set on card"):
+        w.run(f"return alc.card.append('{card_id}', {{stats = {{}}}})")
+    with fails("pkg.name is required"):
+        w.run("return alc.card.create({stats = {}})")
+    listed = w.run("return alc.card.list({pkg = 'cot'})")
+    assert listed[0] == {"card_id": card_id, "pkg": "cot", "created_at": card["created_at"],
+                         "model": "claude-opus-4-6", "scenario": "math", "pass_rate": 0.75}
+    assert w.run("return alc.card.get('nope_missing')") is None
+
+
+def test_card_aliases_find_samples_and_lineage(w: SharedWorker) -> None:
+    ids = w.run("""
+        local a = alc.card.create({pkg = {name = 'lin'}, card_id = 'lin_a',
+          stats = {pass_rate = 0.5}})
+        local b = alc.card.create({pkg = {name = 'lin'}, card_id = 'lin_b',
+          stats = {pass_rate = 0.9},
+          metadata = {prior_card_id = 'lin_a', prior_relation = 'derived_from'}})
+        local c = alc.card.create({pkg = {name = 'lin'}, card_id = 'lin_c',
+          stats = {pass_rate = 0.7},
+          metadata = {prior_card_id = 'lin_b', prior_relation = 'sweep_variant'}})
+        return {a.card_id, b.card_id, c.card_id}""")
+    assert ids == ["lin_a", "lin_b", "lin_c"]
+    alias = w.run("return alc.card.alias_set('best', 'lin_b', {pkg = 'lin', note = 'top'})")
+    assert {k: alias[k] for k in ("name", "card_id", "pkg", "note")} == \
+        {"name": "best", "card_id": "lin_b", "pkg": "lin", "note": "top"}
+    assert w.run("return alc.card.get_by_alias('best').card_id") == "lin_b"
+    assert w.run("return alc.card.get_by_alias('unknown')") is None
+    assert [a["name"] for a in w.run("return alc.card.alias_list({pkg = 'lin'})")] == ["best"]
+    with fails("alc.card.alias_set: card 'nope' not found"):
+        w.run("return alc.card.alias_set('x', 'nope')")
+    found = w.run("""return alc.card.find({pkg = 'lin', where = {stats = {pass_rate = {gte = 0.6}}},
+                                          order_by = '-stats.pass_rate'})""")
+    assert [c["card_id"] for c in found] == ["lin_b", "lin_c"]
+    found = w.run("""return alc.card.find({where = {_or = {{card_id = 'lin_a'},
+        {metadata = {prior_relation = {starts_with = 'sweep'}}}}}, order_by = 'card_id',
+        limit = 5})""")
+    assert [c["card_id"] for c in found] == ["lin_a", "lin_c"]
+    written = w.run("return alc.card.write_samples('lin_a', {{i = 1, ok = true}, {i = 2}})")
+    assert written["count"] == 2 and written["path"].endswith("lin/lin_a.samples.jsonl")
+    assert w.run("return alc.card.read_samples('lin_a', {where = {ok = true}})") == \
+        [{"i": 1, "ok": True}]
+    assert w.run("return alc.card.read_samples('lin_a', {offset = 1, limit = 1})") == [{"i": 2}]
+    with fails("samples already exist for card 'lin_a'"):
+        w.run("return alc.card.write_samples('lin_a', {})")
+    up = w.run("return alc.card.lineage({card_id = 'lin_c'})")
+    assert [(n["card_id"], n["depth"]) for n in up["nodes"]] == \
+        [("lin_c", 0), ("lin_b", -1), ("lin_a", -2)]
+    assert up["edges"][0] == {"from": "lin_c", "to": "lin_b", "relation": "sweep_variant"}
+    assert up["truncated"] is False
+    down = w.run("return alc.card.lineage({card_id = 'lin_a', direction = 'down', depth = 1,"
+                 " include_stats = false})")
+    assert [(n["card_id"], n["depth"]) for n in down["nodes"]] == [("lin_a", 0), ("lin_b", 1)]
+    assert down["truncated"] is True and "stats" not in down["nodes"][0]
+    with fails("unknown sink: warehouse"):
+        w.run("return alc.card.sink_backfill({sink = 'warehouse'})")
+
+
+# ----------------------------------------------------------------------------- misc natives
+
+
+def test_stats_time_dirs_and_progress(w: SharedWorker) -> None:
+    result = w.run("""alc.stats.record('acc', {0.5, 0.75})
+                      alc.progress(1, 3, 'first')
+                      local t = alc.time()
+                      return {stats = alc.stats.get('acc'), missing = alc.stats.get('x') == nil,
+                              t = t, dirs = alc._dirs}""")
+    assert result["stats"] == [0.5, 0.75] and result["missing"] is True
+    assert abs(result["t"] - __import__("time").time()) < 60
+    assert result["dirs"]["state"] == str(w.home / "state")
+    assert result["dirs"]["cards"] == str(w.home / "cards")
+    assert result["dirs"]["scenarios"].endswith("scenarios")
+
+
+def test_budget_counts_llm_calls(w: SharedWorker) -> None:
+    ctx = {"budget": {"max_llm_calls": 2}}
+    assert w.run("""local before = alc.budget_remaining()
+                    alc.llm('a')
+                    local after = alc.budget_remaining()
+                    return {before.llm_calls, alc.budget_check(), after.llm_calls}""",
+                 echo, ctx=ctx) == [2, True, 1]
+    with fails("budget_exceeded: max_llm_calls (2) reached (2 used)"):
+        w.run("alc.llm('a'); alc.llm('b'); return alc.llm('c')", echo, ctx=ctx)
+    assert w.run("alc.llm('a'); alc.llm('b'); return alc.budget_check()", echo, ctx=ctx) is False
+    assert w.run("return {alc.budget_remaining() == nil, alc.budget_check()}") == [True, True]
+
+
+def test_math_rng_is_reproducible_per_seed(w: SharedWorker) -> None:
+    code = """local r = alc.math.rng_create(%d)
+              local out = {}
+              for i = 1, 4 do out[i] = alc.math.rng_float(r) end
+              out[5] = alc.math.rng_int(r, 1, 6)
+              out[6] = alc.math.categorical_sample(r, {0, 1, 0})
+              return out"""
+    a, b, c = w.run(code % 7), w.run(code % 7), w.run(code % 8)
+    assert a == b != c
+    assert all(0 <= x < 1 for x in a[:4]) and 1 <= a[4] <= 6 and a[5] == 2
+    shuffled = w.run("""local t = {1, 2, 3, 4, 5}
+        local same = alc.math.shuffle(alc.math.rng_create(1), t)
+        return {same == t, t}""")
+    assert shuffled[0] is True and sorted(shuffled[1]) == [1, 2, 3, 4, 5]
+    with fails("expected a LuaRng"):
+        w.run("return alc.math.rng_float({})")
+
+
+def test_math_statistics(w: SharedWorker) -> None:
+    r = w.run("""local m = alc.math
+        return {mean = m.mean({1, 2, 3, 4}), var = m.variance({1, 2, 3, 4}),
+                median = m.median({3, 1, 2, 4}), p25 = m.percentile({1, 2, 3, 4, 5}, 25),
+                iqr = m.iqr({1, 2, 3, 4, 5}), cdf = m.normal_cdf(0, 0, 1),
+                ppf = m.normal_ppf(0.975), soft = m.softmax({1, 1}),
+                wilson = m.wilson_ci(5, 10, 0.95), corr = m.correlation({1, 2, 3}, {2, 4, 6}),
+                beta_mean = m.beta_mean(2, 2), fact = m.factorial(5),
+                welch = m.welch_t_test({1, 2, 3, 4}, {2, 3, 4, 5}), rank = m.rank({10, 20, 20, 5}),
+                entropy = m.entropy({0.5, 0.5}), hist = m.histogram({1, 2, 2, 3}, 2),
+                ndcg = m.ndcg({3, 2, 1}, 3), perms = #m.permutations(3)}""")
+    assert r["mean"] == 2.5 and r["var"] == pytest.approx(5 / 3) and r["median"] == 2.5
+    assert r["p25"] == 2.0 and r["iqr"] == 2.0
+    assert r["cdf"] == pytest.approx(0.5) and r["ppf"] == pytest.approx(1.959964, abs=1e-6)
+    assert r["soft"] == [0.5, 0.5] and r["corr"] == pytest.approx(1.0)
+    assert r["wilson"]["center"] == pytest.approx(0.5)
+    assert r["wilson"]["lower"] == pytest.approx(0.2366, abs=1e-4)
+    assert r["beta_mean"] == 0.5 and r["fact"] == 120
+    assert r["welch"]["t_stat"] == pytest.approx(-1.0954, abs=1e-4)
+    assert r["welch"]["p_value"] == pytest.approx(0.3153, abs=1e-3)
+    assert r["rank"] == [2.0, 3.5, 3.5, 1.0]
+    assert r["entropy"] == pytest.approx(math.log(2))
+    assert r["hist"] == {"counts": [1, 3], "edges": [1.0, 2.0, 3.0]}
+    assert r["ndcg"] == pytest.approx(1.0) and r["perms"] == 6
+    with fails("alc.math.mean: data must be a non-empty array"):
+        w.run("return alc.math.mean({})")
+
+
+def test_std_global_for_evalframe(w: SharedWorker, tmp_path: Path) -> None:
+    (tmp_path / "data.txt").write_text("hello")
+    result = w.run(f"""return {{std.json.encode({{a = 1}}), std.json.decode('[1]'),
+        std.fs.read({json.dumps(str(tmp_path / "data.txt"))}),
+        std.fs.is_file({json.dumps(str(tmp_path / "data.txt"))}),
+        std.fs.is_file({json.dumps(str(tmp_path / "none.txt"))}), std.time.now() > 0}}""",
+                   lib_paths=[str(tmp_path)])
+    assert result == ['{"a":1}', [1], "hello", True, False, True]
+
+
+@pytest.mark.skipif(not (CORPUS / "evalframe").is_dir(), reason="pinned evalframe is absent")
+def test_eval_runs_a_strategy_on_an_inline_scenario_and_emits_a_card(
+        w: SharedWorker, tmp_path: Path) -> None:
+    (tmp_path / "say.lua").write_text(
+        "return {run = function(ctx) ctx.result = alc.llm(ctx.task); return ctx end}")
+    lib_paths = [str(tmp_path), str((CORPUS / "evalframe").resolve())]
+    report = w.run("""return alc.eval({cases = {{input = 'two plus two', expected = '4'},
+                                               {input = 'three', expected = '3'}}}, 'say',
+                                      {auto_card = true})""",
+                   lambda q: "4", lib_paths=lib_paths)
+    assert report["aggregated"]["total"] == 2 and report["aggregated"]["passed"] == 1
+    card = w.run(f"return alc.card.get('{report['card_id']}')")
+    assert card["pkg"]["name"] == "say" and card["stats"]["n"] == 2
+    with fails("could not resolve scenario 'no_such_scenario'"):
+        w.run("return alc.eval('no_such_scenario', 'say')", lib_paths=lib_paths)
