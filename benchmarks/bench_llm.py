@@ -2,7 +2,8 @@
 
 A real Lua run on the bundled worker pauses with ``alc.llm_batch`` of 64
 queries; a model responder answers them through the real ``openai`` SDK from a
-loopback OpenAI-compatible server that takes 100 ms per answer. Side by side,
+loopback OpenAI-compatible server (in its own process, so it does not share our
+GIL) that takes 100 ms per answer. Side by side,
 interleaved rounds: ``max_concurrency=64`` vs ``max_concurrency=1`` (the old
 one-after-another behaviour), and the same batch replayed from the answers store.
 Run: ``python benchmarks/run.py llm``.
@@ -11,11 +12,13 @@ Run: ``python benchmarks/run.py llm``.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -26,7 +29,7 @@ from tests.fakes import FakeChatServer
 
 QUERIES = 64
 DELAY = 0.1
-ROUNDS = 3
+ROUNDS = 5
 BATCH = (f"local qs = {{}} for i = 1, {QUERIES} do qs[i] = {{prompt = 'item ' .. i}} end "
          "return alc.llm_batch(qs)")
 
@@ -41,12 +44,20 @@ async def _answer(conn: Connection, responder: llm.ModelResponder, concurrency: 
     return elapsed
 
 
-async def _bench(server: FakeChatServer, store: llm.AnswerStore) -> dict[str, list[float]]:
+def _serve(pipe: Any) -> None:
+    """The chat server's process: send its URL, serve until told to stop, send its peak."""
+    with FakeChatServer(delay=DELAY) as server:
+        pipe.send(server.base_url)
+        pipe.recv()
+        pipe.send(server.max_in_flight)
+
+
+async def _bench(base_url: str, store: llm.AnswerStore) -> dict[str, list[float]]:
     manager = ConnectionManager(History(None))
     conn = await manager.connect(name="llm-bench")
-    concurrent = llm.openai("m", base_url=server.base_url, max_concurrency=QUERIES, cache="off")
-    serial = llm.openai("m", base_url=server.base_url, max_concurrency=1, cache="off")
-    recording = llm.openai("m", base_url=server.base_url, max_concurrency=QUERIES, store=store)
+    concurrent = llm.openai("m", base_url=base_url, max_concurrency=QUERIES, cache="off")
+    serial = llm.openai("m", base_url=base_url, max_concurrency=1, cache="off")
+    recording = llm.openai("m", base_url=base_url, max_concurrency=QUERIES, store=store)
     replay = llm.openai("m", cache="replay", max_concurrency=QUERIES, store=store)
     await _answer(conn, recording, QUERIES)  # records the batch (and warms the SDK up)
     times: dict[str, list[float]] = {"concurrent (64)": [], "one at a time": [],
@@ -63,11 +74,18 @@ async def _bench(server: FakeChatServer, store: llm.AnswerStore) -> dict[str, li
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="pn-llm-bench-") as tmp, \
-            FakeChatServer(delay=DELAY) as server:
+    ours, theirs = multiprocessing.Pipe()
+    server = multiprocessing.Process(target=_serve, args=(theirs,), daemon=True)
+    server.start()
+    base_url = ours.recv()
+    with tempfile.TemporaryDirectory(prefix="pn-llm-bench-") as tmp:
         store = llm.AnswerStore(os.path.join(tmp, "answers.sqlite"))
-        times = asyncio.run(_bench(server, store))
-        peak = server.max_in_flight
+        try:
+            times = asyncio.run(_bench(base_url, store))
+        finally:
+            ours.send("stop")
+            peak = ours.recv()
+            server.join(5)
     print(f"\n## llm: a {QUERIES}-query pause, {DELAY * 1000:.0f} ms per answer "
           f"(loopback server, real openai SDK, real worker; median of {ROUNDS} rounds)\n")
     print("| answered | median s | all rounds s |")

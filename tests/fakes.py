@@ -183,8 +183,7 @@ class FakeChatServer:
         self.max_in_flight = 0
         self._failures: list[ChatFailure] = []
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _chat_handler(self))
-        self._httpd.daemon_threads = True
+        self._httpd = _ChatHTTPServer(("127.0.0.1", 0), _chat_handler(self))
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     @property
@@ -244,9 +243,15 @@ class FakeChatServer:
                 self.in_flight -= 1
 
 
+class _ChatHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # a burst of concurrent connects must not overflow the backlog
+
+
 def _chat_handler(server: FakeChatServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's connection pool expects
+        disable_nagle_algorithm = True  # headers and body go out in two writes
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)

@@ -66,7 +66,7 @@ async def worker() -> AsyncIterator[Connection]:
 async def start(conn: Connection, code: str) -> Session:
     """Run ``code`` on the worker: the Session waits at its first pause."""
     session = await conn.run(code)
-    assert isinstance(session, Session)
+    assert session.state is SessionState.PAUSED, session.error
     return session
 
 
@@ -105,8 +105,11 @@ def test_a_real_lua_run_answered_by_the_model(chat: FakeChatServer) -> None:
     assert body["messages"] == [{"role": "system", "content": "Answer with a number"},
                                 {"role": "user", "content": "What is 2 + 2?"}]
     # the provider's usage went out with the continue and reached the worker's metrics
-    assert usages(session) == [{"prompt_tokens": 8, "completion_tokens": 1}]
-    assert session.metrics["usage"] == {"prompt_tokens": 8, "completion_tokens": 1}
+    assert usages(session) == [{"prompt_tokens": 9, "completion_tokens": 1}]
+    assert session.metrics["usage"] == {"prompt_tokens": 9, "completion_tokens": 1}
+    history = session.connection.history.frame()
+    [row] = history[history["op"] == "continue"].to_dict("records")
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (9, 1)
 
 
 def test_responder_string_uses_the_sdk_environment(chat: FakeChatServer,
@@ -127,7 +130,7 @@ def test_responder_string_uses_the_sdk_environment(chat: FakeChatServer,
 
 
 def test_a_batch_is_answered_concurrently_in_order(chat: FakeChatServer) -> None:
-    chat.delay = 0.3
+    chat.delay = 1.0  # long enough that all 8 are in flight even on a loaded machine
     session = run(run_answered(BATCH_DISTINCT, llm.openai("m", base_url=chat.base_url)))
     assert chat.max_in_flight == 8  # all 8 slow answers were in flight together
     # each answer went to its own query, whatever order they came back in
@@ -144,7 +147,7 @@ def _arrival(chat: FakeChatServer, prompt: str) -> int:
 
 
 def test_max_concurrency_bounds_across_sessions(chat: FakeChatServer) -> None:
-    chat.delay = 0.1
+    chat.delay = 0.3
     responder = llm.openai("m", base_url=chat.base_url, max_concurrency=3)
 
     async def two_runs() -> list[Session]:
@@ -256,7 +259,7 @@ def test_provider_outage_leaves_the_session_paused_and_answerable(
 
     async def scenario() -> Session:
         async with worker() as conn:
-            session = await start(conn, "return alc.llm_batch({'a?', 'b?'})")
+            session = await start(conn, "return alc.llm_batch({{prompt = 'a?'}, {prompt = 'b?'}})")
             with pytest.raises(ResponderError) as caught:
                 await session.answer_all(responder)
             error = caught.value.__cause__
