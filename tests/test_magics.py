@@ -182,12 +182,12 @@ def test_library_errors_are_one_line_with_the_magics_hint(ip: InteractiveShell) 
 
 def test_protocol_version_auto_speaks_the_workers_version(ip: InteractiveShell) -> None:
     ip.user_ns["old"] = ("{python} -m pool_notebook.worker --sid {sid} --sock {sock} "
-                         "--protocol-version 0.31.0")
+                         "--protocol-version 0.30.0")
     result, out, _ = _cell(ip, '%pool_connect --spawn "$old" --name strict')
     assert isinstance(result.error_in_exec, errors.VersionMismatch)
-    assert "--protocol-version 0.31.0 (or --protocol-version auto)" in out
+    assert "--protocol-version 0.30.0 (or --protocol-version auto)" in out
     conn = ip.run_line_magic("pool_connect", '--spawn "$old" --protocol-version auto --name a')
-    assert conn.version == "0.31.0"
+    assert conn.version == "0.30.0"
     assert ip.run_line_magic("pool_send", "status").ok
 
 

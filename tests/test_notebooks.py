@@ -11,6 +11,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from pool_notebook import PROTOCOL_VERSION
+
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("pool_home")]
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
@@ -37,7 +39,7 @@ def test_quickstart_runs_and_shows_widgets_and_history(monkeypatch: pytest.Monke
     monkeypatch.setenv("POOL_NOTEBOOK_WIDGETS", "1")
     nb = _execute("quickstart.ipynb")
     outputs = _outputs(nb)
-    assert any("worker version" in o and "0.1.0" in o for o in outputs)
+    assert any("worker version" in o and PROTOCOL_VERSION in o for o in outputs)
     assert any("application/vnd.jupyter.widget-view+json" in o for o in outputs)
     assert any("What is 2 + 2?" in o for o in outputs)
     assert any("blue apple" in o for o in outputs)
@@ -68,6 +70,7 @@ def test_latency_notebook_runs_thousands_of_requests() -> None:
 def test_interop_notebook_runs_and_says_what_it_skipped() -> None:
     nb = _execute("interop.ipynb")
     outputs = _outputs(nb)
-    assert any("version mismatch: client=0.1.0, server=0.31.0" in o for o in outputs)
+    assert any(f"version mismatch: client={PROTOCOL_VERSION}, server=0.30.0" in o
+               for o in outputs)
     assert any("resumed: yes" in o for o in outputs)
     assert any("skipped: no algocline" in o or "Connection 'alc'" in o for o in outputs)
