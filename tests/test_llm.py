@@ -8,6 +8,7 @@ import json
 import os
 import sqlite3
 import stat
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -288,7 +289,8 @@ def test_rate_limit_is_retried_with_retry_after(chat: FakeChatServer) -> None:
     assert chat.statuses == [429, 429, 200]
 
 
-def test_unreachable_or_unconfigured_provider_errors(chat: FakeChatServer) -> None:
+def test_unreachable_or_unconfigured_provider_errors(chat: FakeChatServer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     query = proto.Query("q-0", "hello")
     down = llm.openai("m", base_url="http://127.0.0.1:9/v1", max_retries=0, cache="off")
     with pytest.raises(LLMProviderError, match=r"model 'm' at http://127.0.0.1:9/v1 failed: "
@@ -302,6 +304,9 @@ def test_unreachable_or_unconfigured_provider_errors(chat: FakeChatServer) -> No
         llm.openai("m", cache="always")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="max_concurrency=0"):
         llm.openai("m", max_concurrency=0)
+    monkeypatch.setitem(sys.modules, "openai", None)  # the [llm] extra is not installed
+    with pytest.raises(LLMError, match=r"pip install 'pool-notebook\[llm\]'"):
+        run(llm.openai("m", base_url=chat.base_url, cache="off")(query))
 
 
 def test_flags_and_token_limit_reach_the_request(chat: FakeChatServer) -> None:

@@ -94,6 +94,7 @@ class OpenAIChat:
 
     async def complete(self, request: ChatRequest) -> Recorded:
         """Ask the model once; the SDK retries, a final failure is LLMProviderError."""
+        client = self._client()  # first: a missing SDK is an LLMError saying what to install
         import openai
 
         messages: list[dict[str, str]] = []
@@ -107,7 +108,6 @@ class OpenAIChat:
             options["temperature"] = request.temperature
         if self.extra_body:
             options["extra_body"] = self.extra_body
-        client = self._client()
         start = time.perf_counter()
         try:
             reply = await client.chat.completions.create(

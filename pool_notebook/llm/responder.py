@@ -36,6 +36,7 @@ FLAG_NOTES: Mapping[str, str] = {
                       "here: state the assumptions you make before answering.",
 }
 
+
 class _Run:
     """Occurrence numbers of one run: identical requests counted in query order."""
 
