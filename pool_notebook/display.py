@@ -241,13 +241,10 @@ def _history_html(entries: Sequence[Any]) -> str:
             f"<th>response</th></tr>{rows}</table></details>")
 
 
-def _conversation(*sources: Any) -> list[Any] | None:
-    for source in sources:
-        if isinstance(source, Mapping):
-            found = source.get("conversation_history")
-            if isinstance(found, list):
-                return found
-    return None
+def _conversation(source: Any) -> list[Any] | None:
+    """algocline's ``conversation_history`` list in a status reply or metrics, if any."""
+    found = source.get("conversation_history") if isinstance(source, Mapping) else None
+    return found if isinstance(found, list) else None
 
 
 def _body_html(reply: Reply, *, code: str | None, first_line: int) -> str:
@@ -264,10 +261,12 @@ def _body_html(reply: Reply, *, code: str | None, first_line: int) -> str:
     if not reply.ok:
         return (f"<div class='pool-error-message' style='color:{_RED};white-space:pre-wrap'>"
                 f"{html.escape(str(reply.payload))}</div>")
-    data = reply.response.data if reply.response is not None else None
-    history = _conversation(getattr(data, "extra", None))
-    shown = _tree(reply.payload)
-    return f"<div>{shown}</div>" + (_history_html(history) if history else "")
+    payload = reply.payload
+    history = _conversation(payload)
+    if history is None:
+        return f"<div>{_tree(payload)}</div>"
+    rest = {k: v for k, v in payload.items() if k != "conversation_history"}
+    return f"<div>{_tree(rest)}</div>{_history_html(history)}"
 
 
 def reply_html(reply: Reply, *, first_line: int = 1) -> str:

@@ -189,3 +189,42 @@ def test_history_figure_of_an_empty_history() -> None:
     fig = history_figure(df)
     assert fig._repr_png_().startswith(b"\x89PNG")  # type: ignore[attr-defined]
     assert fig.legends == []
+
+
+def test_status_conversation_history_in_algoclines_shape() -> None:
+    """What an ``alc pool-worker`` answers to status with include_history (shape from
+    algocline-core metrics.rs ``TranscriptEntry::to_history_json``), rendered as a table."""
+    from pool_notebook.connections import ConnectionManager
+    from pool_notebook.display import reply_html, reply_text
+    from pool_notebook.history import History
+    from tests.fakes import FakeWorker, ok
+
+    history = [
+        {"query_id": "q-0", "prompt": "first?", "response": "one", "prompt_tokens": 2,
+         "response_tokens": 1, "started_at": 1764140000000, "completed_at": 1764140000100},
+        {"query_id": "q-1", "prompt": "<b>second?</b>", "response": None,
+         "prompt_tokens": 3, "response_tokens": None, "started_at": 1764140000200,
+         "completed_at": None}]
+
+    def script(req: dict[str, Any]) -> list[Any] | None:
+        if req["op"] == "status":
+            return [ok({"kind": "status", "has_session": True, "session_id": "s-1",
+                        "conversation_history": history})]
+        return None
+
+    async def main() -> Any:
+        async with FakeWorker(script) as worker:
+            manager = ConnectionManager(History(None))
+            conn = await manager.connect(worker.sock_path)
+            reply = await conn.status(include_history=True)
+            manager.close_all()
+            return reply
+
+    reply = run(main())
+    page = reply_html(reply)
+    table = page.split("conversation history (2)")[1]
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", table) == [
+        "first?", "one", "&lt;b&gt;second?&lt;/b&gt;", "(pending)"]
+    assert page.count("first?") == 1  # the list is shown once, as the table
+    assert "has_session" in page
+    assert '"conversation_history"' in reply_text(reply)
