@@ -48,11 +48,14 @@ if TYPE_CHECKING:
     from .session import Answer, Session, SessionState, resolve_responder
     from .spawn import WorkerProcess, spawn_and_connect, spawn_worker
 
+    def history(*, all_sessions: bool = False) -> pd.DataFrame:
+        """Every request made through pool_notebook, as a DataFrame (``history.py``)."""
+
 #: Where each lazily loaded public name lives (module relative to this package).
 _LAZY = {
     "LateReply": "client", "PoolClient": "client",
     "Connection": "connections", "ConnectionState": "connections", "Reply": "connections",
-    "Outcome": "history",
+    "Outcome": "history", "history": "history",
     "Answer": "session", "Session": "session", "SessionState": "session",
     "resolve_responder": "session",
     "Registry": "registry", "WorkerEntry": "registry",
@@ -81,7 +84,8 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'pool_notebook' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    loaded = importlib.import_module(f".{module}", __name__)
+    value = loaded if name == module else getattr(loaded, name)  # history: a callable module
     globals()[name] = value
     return value
 
@@ -114,11 +118,6 @@ def connection(name: str | None = None) -> Connection:
 def disconnect(name: str | None = None) -> Connection:
     """Close a connection; its worker exits unless it holds a paused session."""
     return _manager().disconnect(name)
-
-
-def history(*, all_sessions: bool = False) -> pd.DataFrame:
-    """Every request made through pool_notebook, as a DataFrame."""
-    return _manager().history.frame(all_sessions=all_sessions)
 
 
 def load_ipython_extension(ipython: InteractiveShell) -> None:

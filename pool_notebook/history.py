@@ -19,7 +19,9 @@ import logging
 import os
 import signal
 import sqlite3
+import sys
 import threading
+import types
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping
@@ -491,3 +493,21 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     out["error_rate"] = errors
     table: pd.DataFrame = out[["count", "error_rate", "p50_ms", "p95_ms", "p99_ms"]]
     return table
+
+
+class _HistoryModule(types.ModuleType):
+    """This module, callable: ``pool_notebook.history()`` is the kernel's DataFrame.
+
+    Importing a submodule binds it as the package attribute of the same name, so
+    a plain function ``pool_notebook.history`` would be hidden by this module as
+    soon as anything imports it; a callable module is both.
+    """
+
+    def __call__(self, *, all_sessions: bool = False) -> pd.DataFrame:
+        """Every request made through pool_notebook, as a DataFrame."""
+        from .connections import manager
+
+        return manager.history.frame(all_sessions=all_sessions)
+
+
+sys.modules[__name__].__class__ = _HistoryModule

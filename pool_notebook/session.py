@@ -104,6 +104,8 @@ class Session:
     def __init__(self, connection: Connection, first: Reply) -> None:
         self.connection = connection
         self.steps: list[Reply] = [first]
+        #: The answer sent by each ok or refused ``continue``, by its index in ``steps``.
+        self.answers: dict[int, Answer] = {}
         self._answering: set[str] = set()
         self._in_flight = 0
         self._observers: list[Callable[[Session], None]] = []
@@ -235,13 +237,13 @@ class Session:
         Raises ``SessionNotPaused`` if that query is not waiting, ``WorkerError`` if
         the worker rejects the answer (that reply is still added to ``steps``).
         """
-        if isinstance(response, Answer):
-            text, usage = response.text, usage if usage is not None else response.usage
-        elif isinstance(response, str):
-            text = response
-        else:
+        if isinstance(response, str):
+            response = Answer(response)
+        elif not isinstance(response, Answer):
             raise InvalidArgument(f"an answer must be a str or an Answer, not "
                                   f"{type(response).__name__}")
+        if usage is None:
+            usage = response.usage
         query = self._pending_query(query_id)
         sid = self.id
         assert sid is not None  # a pause always carries the session id
@@ -249,8 +251,9 @@ class Session:
         self._in_flight += 1
         self._notify()
         try:
-            reply = await self.connection.continue_(sid, text, query_id=query.id, usage=usage,
-                                                    timeout=timeout)
+            reply = await self.connection.continue_(sid, response.text, query_id=query.id,
+                                                    usage=usage, timeout=timeout)
+            self.answers[len(self.steps)] = response
             self.steps.append(reply)
         finally:
             self._in_flight -= 1
@@ -274,6 +277,30 @@ class Session:
         raise SessionNotPaused(self.id, state, f"query {query_id!r} is not pending "
                                f"(pending: {listed})")
 
+    async def ask(self, respond: Responder | PauseResponder | str,
+                  query_id: str | None = None, *, timeout: float | None = None) -> Reply:
+        """Answer one pending query (the first if ``query_id`` is None) with a responder.
+
+        ``ResponderError`` if the responder fails; the session stays paused.
+        """
+        responder = _required(respond)
+        query = self._pending_query(query_id)
+        answer = await self._consult(responder, query)
+        return await self.answer(answer, query.id, timeout=timeout)
+
+    async def _consult(self, responder: Responder | PauseResponder,
+                       query: proto.Query) -> Answer:
+        """The responder's answer to ``query`` of the latest pause, errors typed."""
+        pause_index = self._pause()[0]
+        feed = self.steps[pause_index].feed
+        assert isinstance(feed, proto.Paused)
+        try:
+            return await _call(responder, query, self, self.pauses - 1, feed.queries)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise ResponderError(query.id, exc) from exc
+
     async def answer_all(self, respond: Responder | PauseResponder | str, *,
                          max_concurrency: int = 8, timeout: float | None = None) -> Session:
         """Answer every pending query with ``respond`` until the session ends.
@@ -283,37 +310,26 @@ class Session:
         threads). If the responder raises, the queries already answered stay
         answered, the session stays paused, and ``ResponderError`` is raised.
         """
-        responder = resolve_responder(respond)
-        if responder is None:
-            raise InvalidArgument("answer_all needs a responder")
+        responder = _required(respond)
         if max_concurrency < 1:
             raise InvalidArgument(f"max_concurrency must be at least 1, not {max_concurrency}")
         limit = asyncio.Semaphore(max_concurrency)
         while not self.done:
-            pause_index = self._pause()[0]
             pending = self.pending
             if not pending:
                 raise SessionError(f"session {self.id} is {self.state} with no query to "
                                    "answer; it cannot go on")
-            feed = self.steps[pause_index].feed
-            assert isinstance(feed, proto.Paused)
-            await self._answer_pause(responder, pending, feed.queries, limit, timeout)
+            await self._answer_pause(responder, pending, limit, timeout)
         return self
 
     async def _answer_pause(self, responder: Responder | PauseResponder,
-                            pending: list[proto.Query], queries: tuple[proto.Query, ...],
-                            limit: asyncio.Semaphore, timeout: float | None) -> None:
+                            pending: list[proto.Query], limit: asyncio.Semaphore,
+                            timeout: float | None) -> None:
         sending: set[asyncio.Task[None]] = set()
-        pause = self.pauses - 1
 
         async def one(query: proto.Query) -> None:
             async with limit:
-                try:
-                    answer = await _call(responder, query, self, pause, queries)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    raise ResponderError(query.id, exc) from exc
+                answer = await self._consult(responder, query)
             task = asyncio.current_task()
             assert task is not None
             sending.add(task)
@@ -341,6 +357,14 @@ class Session:
         extra = f" ({len(pending)} pending)" if pending else ""
         return (f"<Session {self.id} on {self.connection.name}: {self.state}{extra}, "
                 f"{len(self.steps)} steps>")
+
+
+def _required(respond: Responder | PauseResponder | str) -> Responder | PauseResponder:
+    responder = resolve_responder(respond)
+    if responder is None:
+        raise InvalidArgument("a responder is needed: a callable respond(query) -> str, "
+                              "or a string such as 'openai:MODEL'")
+    return responder
 
 
 async def _call(responder: Responder | PauseResponder, query: proto.Query, session: Session,

@@ -66,6 +66,9 @@ def test_every_public_name_resolves_lazily() -> None:
         assert not missing, missing
         assert set(names) <= set(dir(pool_notebook))
         from pool_notebook import Session, Outcome, SessionRefused, connect
+        import pool_notebook.history as module  # binds the submodule as the attribute...
+        assert module.History and pool_notebook.history is module
+        assert pool_notebook.history().empty  # ...and history() still works: it is callable
         assert Outcome.OK == "ok" and issubclass(SessionRefused, pool_notebook.WorkerError)
         try:
             pool_notebook.no_such_name
@@ -76,3 +79,25 @@ def test_every_public_name_resolves_lazily() -> None:
     """)
     loaded = _loaded(code)
     assert "pool_notebook.session" in loaded and "pool_notebook.connections" in loaded
+
+
+def test_the_error_tree_drawing_matches_the_classes() -> None:
+    import re
+
+    from pool_notebook import errors
+
+    drawn: dict[str, str] = {}  # class -> parent, as the docstring draws it
+    stack: list[str] = []
+    for line in (errors.__doc__ or "").splitlines():
+        match = re.match(r"^\s{4}((?:[│ ] {3})*)(?:[├└]── )?([A-Z]\w+)\b", line)
+        if not match or not (match[2] == "PoolError" or "──" in line):
+            continue
+        depth = len(match[1]) // 4 + (1 if "──" in line else 0)
+        del stack[depth:]
+        if stack:
+            drawn[match[2]] = stack[-1]
+        stack.append(match[2])
+    classes = {name: getattr(errors, name) for name in errors.__all__}
+    assert set(drawn) | {"PoolError"} == set(classes)  # every error drawn, nothing extra
+    for name, parent in drawn.items():
+        assert classes[name].__bases__[0] is classes[parent], f"{name} is drawn under {parent}"

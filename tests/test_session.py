@@ -206,6 +206,40 @@ def test_answer_all_in_one_pause_keeps_answers_already_sent() -> None:
     _drive(body)
 
 
+class Recorder:
+    """A pause-aware responder (like pool_notebook.llm's): records what it was told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, tuple[str, ...]]] = []
+
+    async def answer(self, query: proto.Query, *, session: Session, pause: int,
+                     queries: tuple[proto.Query, ...]) -> Answer:
+        self.calls.append((query.prompt, pause, tuple(q.id for q in queries)))
+        return Answer(query.prompt.rstrip("?"), usage={"prompt_tokens": 2}, replayed=True)
+
+
+def test_ask_tells_a_pause_aware_responder_its_pause() -> None:
+    async def body(conn: Connection) -> None:
+        recorder = Recorder()
+        session = await conn.run(TWO_ROUNDS)
+        first_id = session.pending[0].id
+        reply = await session.ask(recorder)
+        assert reply.ok and session.answers[1] == Answer("first", {"prompt_tokens": 2}, True)
+        await session.ask(recorder, session.pending[0].id)
+        assert session.result == "first+second first"
+        assert recorder.calls == [("first?", 0, (first_id,)),
+                                  ("second first?", 1, (session.steps[1].feed.queries[0].id,))]
+        assert [session.answers[i].replayed for i in sorted(session.answers)] == [True, True]
+        with pytest.raises(SessionNotPaused):
+            await session.ask(recorder)
+        batch = await conn.run(THREE, respond=Recorder())
+        assert batch.result == "a,b,c"
+        calls = batch.answers  # one answer per query, each told the whole pause
+        assert len(calls) == 3 and all(a.replayed for a in calls.values())
+
+    _drive(body)
+
+
 def test_resolve_responder() -> None:
     def fn(query: proto.Query) -> str:
         return "x"
