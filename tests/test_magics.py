@@ -54,6 +54,10 @@ def test_connect_send_run_respond_history(ip: InteractiveShell) -> None:
     assert isinstance(conn, Connection) and conn.version == pool_notebook.PROTOCOL_VERSION
     reply = ip.run_cell_magic("pool_send", "--out r", "status")
     assert isinstance(reply, Reply) and reply.ok and ip.user_ns["r"] is reply
+    shown = ip.display_formatter.format(reply)[0]  # what a cell shows: HTML, text in terminals
+    assert shown["text/plain"].startswith("a:status ok (")
+    assert ">ok</span>" in shown["text/html"] and "has_session" in shown["text/html"]
+    assert "worker version" in ip.display_formatter.format(conn)[0]["text/html"]
     assert ip.run_line_magic("pool_send", '{"op":"status","include_history":true}').ok
     bad = ip.run_cell_magic("pool_send", "", '{"op": "continue", "sid": "x", "response": "y"}')
     assert bad.outcome == "worker_error" and "no paused session" in bad.payload
