@@ -34,6 +34,7 @@ from .fakes import FakeChatServer, run
 
 pytestmark = pytest.mark.usefixtures("pool_home")
 
+CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
 BATCH_SAME = ("local qs = {} for i = 1, 8 do qs[i] = {prompt = 'Flip a coin.'} end "
               "return alc.llm_batch(qs)")
 BATCH_DISTINCT = ("local qs = {} for i = 1, 8 do qs[i] = {prompt = 'item ' .. i} end "
@@ -323,6 +324,31 @@ def test_flags_and_token_limit_reach_the_request(chat: FakeChatServer) -> None:
     plain = llm.openai("m", base_url=chat.base_url, flag_notes=None, cache="off")
     run(plain(proto.Query("q-0", "x", grounded=True)))
     assert chat.requests[-1]["messages"] == [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.skipif(not (CORPUS / "algocline-bundled-packages" / "sc").is_dir(),
+                    reason=f"the pinned corpus is absent ({CORPUS}): see shared/corpus/PIN.md")
+def test_a_real_strategy_package_records_then_replays_without_a_provider(
+        chat: FakeChatServer) -> None:
+    """algocline's self-consistency package (`sc`), its votes answered by the model."""
+    chat.answer = lambda body, n: f"Path {n}: 2 + 2 = 4. The answer is 4."
+    lib_paths = [str((CORPUS / name).resolve())
+                 for name in ("algocline-bundled-packages", "evalframe")]
+    ctx = {"task": "What is 2 + 2?", "n": 5}
+
+    async def strategy(respond: llm.ModelResponder) -> Session:
+        async with worker() as conn:
+            session = await conn.run("return require('sc').run(ctx)", ctx=ctx,
+                                     lib_paths=lib_paths, respond=respond)
+            assert session.state is SessionState.COMPLETED, session.error
+            return session
+
+    recorded = run(strategy(llm.openai("m", base_url=chat.base_url)))
+    calls = chat.calls
+    assert calls == recorded.result["result"]["total_llm_calls"] == 11
+    assert len(set(recorded.result["result"]["votes"])) == 5  # 5 distinct sampled paths
+    replayed = run(strategy(llm.openai("m", cache="replay")))
+    assert replayed.result == recorded.result and chat.calls == calls
 
 
 # ------------------------------------------------------------------ the answers store
