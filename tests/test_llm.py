@@ -131,6 +131,31 @@ def test_responder_string_uses_the_sdk_environment(chat: FakeChatServer,
         llm.from_spec("azure:my-deployment")
 
 
+def test_the_magic_runs_a_cell_answered_by_the_model(chat: FakeChatServer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The notebook path: ``%%pool_run --respond openai:MODEL``, then the configured default."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from pool_notebook.connections import manager
+
+    monkeypatch.setenv("OPENAI_BASE_URL", chat.base_url)
+    shell = InteractiveShell.instance()
+    manager.history = History(None)
+    shell.run_line_magic("load_ext", "pool_notebook")
+    try:
+        shell.run_line_magic("pool_connect", "--name llm")
+        shell.run_cell_magic("pool_run", "--respond openai:m --out s",
+                             "return alc.llm_batch({{prompt = 'a?'}, {prompt = 'b?'}})")
+        assert [text.split(": ")[1] for text in shell.user_ns["s"].result] == ["a?", "b?"]
+        shell.run_line_magic("config", "PoolMagics.respond = 'openai:m'")
+        shell.run_cell_magic("pool_run", "--out t", "return alc.llm('c?')")
+        assert shell.user_ns["t"].result == "sample 3: c?"
+    finally:
+        shell.run_line_magic("config", "PoolMagics.respond = ''")
+        shell.run_line_magic("pool_disconnect", "llm --shutdown")
+        shell.run_line_magic("unload_ext", "pool_notebook")
+
+
 def test_a_batch_is_answered_concurrently_in_order(chat: FakeChatServer) -> None:
     chat.delay = 1.0  # long enough that all 8 are in flight even on a loaded machine
     session = run(run_answered(BATCH_DISTINCT, llm.openai("m", base_url=chat.base_url)))
