@@ -425,6 +425,34 @@ local function copy(t)
   return out
 end
 
+-- Coroutines live until the session ends. lupa (2.8) keeps the lua_State of
+-- the coroutine that called into Python inside every Lua object handed to
+-- Python; when Python drops one after Lua collected that coroutine (a raised
+-- exception kept in a traceback is enough), the worker segfaults. Anchoring
+-- every coroutine makes that impossible; they count against the memory cap.
+local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
+local anchored = {}
+
+local function sandbox_create(f)
+  local co = co_create(f)
+  anchored[#anchored + 1] = co
+  return co
+end
+
+local function sandbox_wrap(f)
+  local co = sandbox_create(f)
+  return function(...)
+    local results = pack(co_resume(co, ...))
+    if results[1] then return unpack(results, 2, results.n) end
+    co_close(co)
+    error(results[2], 2)
+  end
+end
+
+local sandbox_coroutine = copy(coroutine)
+sandbox_coroutine.create = sandbox_create
+sandbox_coroutine.wrap = sandbox_wrap
+
 local sandbox_string = copy(string)
 sandbox_string.dump = blocked("string.dump")
 
@@ -470,7 +498,7 @@ local modules = {
   table = copy(table),
   math = copy(math),
   utf8 = copy(utf8),
-  coroutine = copy(coroutine),
+  coroutine = sandbox_coroutine,
   os = sandbox_os,
   io = sandbox_io,
   debug = sandbox_debug,
