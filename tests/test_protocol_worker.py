@@ -206,3 +206,16 @@ def test_close_when_idle_goes_closing_immediately() -> None:
     assert conn.next_event() == ConnectionClosing("handshake timeout")
     conn.close_after_reply("again")  # idempotent enough: still closing
     assert conn.state is WorkerState.CLOSING
+
+
+def test_an_incomplete_line_keeps_reading_until_it_completes_or_overflows() -> None:
+    conn = greeted(max_line_bytes=64)
+    conn.receive_data(b'{"op":"run","code":"return 1"}\n{"op":"status"}\n')
+    conn.next_event()  # busy; one 16-byte status queued behind it
+    conn.receive_data(b'{"op":"status","pad":"' + b"p" * 38)  # 60 bytes, no newline yet
+    assert conn.wants_read  # 16 + 60 > 64, yet it must read on or the line never ends
+    conn.receive_data(b'"}\n')
+    conn.send_reply(b"{}\n")
+    assert conn.next_event() == RequestReceived(Status())
+    conn.send_reply(STATUS_REPLY)
+    assert conn.next_event() == RequestReceived(Status())

@@ -16,7 +16,7 @@ machine owns the rules a worker must keep whatever it runs:
   is being served; an over-long line is answered, after the replies still owed,
   and the connection then closes (the stream cannot be resynchronised);
 - unread input is bounded: :attr:`wants_read` turns False once a line's worth of
-  requests is queued, so the I/O layer stops reading (backpressure);
+  complete requests is queued, so the I/O layer stops reading (backpressure);
 - a ``shutdown`` queued behind a running request is visible at once
   (:attr:`shutdown_requested`) so the worker can interrupt that request.
 
@@ -115,10 +115,14 @@ class WorkerConnection:
 
     @property
     def wants_read(self) -> bool:
-        """False while a line's worth of input waits unprocessed, or input is over."""
+        """False while a line's worth of complete requests waits, or input is over.
+
+        An incomplete line never stops reading: it either completes or outgrows
+        ``max_line_bytes`` and is refused, so buffered input stays under two lines.
+        """
         if self._input_closed or self.state in (WorkerState.CLOSING, WorkerState.CLOSED):
             return False
-        return self._queued_bytes + len(self._buffer) < self.max_line_bytes
+        return self._queued_bytes < self.max_line_bytes
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the client; complete lines are decoded and queued."""
