@@ -261,13 +261,16 @@ def _chat_handler(server: FakeChatServer) -> type[BaseHTTPRequestHandler]:
             else:
                 status, headers, reply = server.handle(body)
             data = json.dumps(reply).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+            except ConnectionError:  # the client gave up waiting (its timeout)
+                self.close_connection = True
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet
             pass

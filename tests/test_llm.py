@@ -315,6 +315,16 @@ def test_rate_limit_is_retried_with_retry_after(chat: FakeChatServer) -> None:
     assert chat.statuses == [429, 429, 200]
 
 
+def test_a_provider_slower_than_the_timeout_fails_instead_of_hanging(
+        chat: FakeChatServer) -> None:
+    chat.delay = 2.0
+    slow = llm.openai("m", base_url=chat.base_url, timeout=0.2, max_retries=1)
+    with pytest.raises(LLMProviderError, match="APITimeoutError") as caught:
+        run(slow(proto.Query("q-0", "hello")))
+    assert caught.value.status is None and chat.calls == 2  # the SDK retried once
+    assert len(slow.store) == 0  # nothing half-recorded
+
+
 def test_unreachable_or_unconfigured_provider_errors(chat: FakeChatServer,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     query = proto.Query("q-0", "hello")
