@@ -1,7 +1,7 @@
 """One command, one run, ratios side by side: ``python benchmarks/run.py [part ...]``.
 
-1. status round trip against a fast stub responder (another process): our
-   PoolClient vs a blocking ``socket`` client vs naive asyncio streams;
+1. client (bench_client.py): status round trip, ours before/after on asyncio and uvloop vs
+   a blocking ``socket`` client vs naive asyncio streams, and a 16-way fan-out;
 2. the bundled worker: spawn-to-ready, and status round trip through our client;
 3. magics: %%pool_send overhead over the bare client, display cost, 64-worker fan-out;
 4. history: recording cost per request, 1,000,000 rows -> DataFrame time and bytes/row.
@@ -13,9 +13,7 @@ Medians and p99 over interleaved rounds (the machines here are noisy).
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -26,117 +24,14 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pool_notebook import PoolClient, protocol
 from pool_notebook.history import History
 from pool_notebook.spawn import spawn_and_connect
 
 N = 2000
 ROUNDS = 5
-STATUS = protocol.encode_request(protocol.Status())
-STATUS_OK = protocol.encode_response({"kind": "status", "has_session": False,
-                                      "session_id": None})
-
-
-def _stub(path: str, ready: multiprocessing.synchronize.Event) -> None:
-    """A blocking responder: echo the handshake version, answer everything else as status."""
-    import json
-
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(path)
-    srv.listen(8)
-    ready.set()
-    while True:
-        conn, _ = srv.accept()
-        buf = b""
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                break
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                if b'"handshake"' in line:
-                    version = json.loads(line)["version"]
-                    conn.sendall(protocol.encode_response({"kind": "handshake",
-                                                           "version": version}))
-                else:
-                    conn.sendall(STATUS_OK)
-        conn.close()
-
-
 def _pct(samples: list[float]) -> tuple[float, float]:
     s = sorted(samples)
     return statistics.median(s) * 1e6, s[int(len(s) * 0.99)] * 1e6
-
-
-def _blocking(path: str) -> list[float]:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
-    f = s.makefile("rb")
-    s.sendall(b'{"op":"handshake","version":"0.1.0"}\n')
-    f.readline()
-    out = []
-    for _ in range(N):
-        t = time.perf_counter()
-        s.sendall(STATUS)
-        protocol.decode_response(f.readline())
-        out.append(time.perf_counter() - t)
-    s.close()
-    return out
-
-
-async def _naive(path: str) -> list[float]:
-    reader, writer = await asyncio.open_unix_connection(path)
-    writer.write(b'{"op":"handshake","version":"0.1.0"}\n')
-    await reader.readline()
-    out = []
-    for _ in range(N):
-        t = time.perf_counter()
-        writer.write(STATUS)
-        await writer.drain()
-        protocol.decode_response(await reader.readline())
-        out.append(time.perf_counter() - t)
-    writer.close()
-    return out
-
-
-async def _ours(path: str) -> list[float]:
-    out = []
-    async with await PoolClient.connect(path, allow_insecure=True) as c:
-        for _ in range(N):
-            t = time.perf_counter()
-            await c.status()
-            out.append(time.perf_counter() - t)
-    return out
-
-
-def client_vs_baselines() -> None:
-    d = tempfile.mkdtemp(prefix="pnb-")
-    os.chmod(d, 0o700)
-    path = os.path.join(d, "stub.sock")
-    ready = multiprocessing.Event()
-    proc = multiprocessing.Process(target=_stub, args=(path, ready), daemon=True)
-    proc.start()
-    ready.wait(10)
-    runs: dict[str, list[float]] = {"ours": [], "blocking": [], "naive asyncio": []}
-    clients: dict[str, Callable[[], list[float]]] = {
-        "ours": lambda: asyncio.run(_ours(path)),
-        "blocking": lambda: _blocking(path),
-        "naive asyncio": lambda: asyncio.run(_naive(path)),
-    }
-    for _ in range(ROUNDS):
-        for name, fn in clients.items():
-            runs[name] += fn()
-    proc.kill()
-    p50 = {k: _pct(v)[0] for k, v in runs.items()}
-    print(f"\n## status round trip vs a stub responder ({ROUNDS}x{N} requests each)\n")
-    print("| client | p50 µs | p99 µs |")
-    print("|---|---|---|")
-    for name, samples in runs.items():
-        a, b = _pct(samples)
-        print(f"| {name} | {a:.1f} | {b:.1f} |")
-    print(f"\nours / blocking p50 = {p50['ours'] / p50['blocking']:.2f}x (target <= 1.0x); "
-          f"naive asyncio / ours p50 = {p50['naive asyncio'] / p50['ours']:.2f}x (target >= 3x)")
 
 
 async def _worker() -> None:
@@ -313,7 +208,8 @@ def history_bench() -> None:
 if __name__ == "__main__":
     os.environ.setdefault("POOL_NOTEBOOK_HOME", tempfile.mkdtemp(prefix="pnb-home-"))
     os.environ.setdefault("POOL_NOTEBOOK_HISTORY", "off")
-    parts = {"client": client_vs_baselines, "worker": lambda: asyncio.run(_worker()),
+    parts = {"client": lambda: __import__("bench_client").main([]),
+             "worker": lambda: asyncio.run(_worker()),
              "magics": magics_bench, "history": history_bench}
     parts["llm"] = lambda: __import__("bench_llm").main()  # model responders (issue 10)
     for name in sys.argv[1:] or parts:

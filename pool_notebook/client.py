@@ -389,7 +389,8 @@ class PoolClient:
     async def _flush(self) -> None:
         """Write what the protocol object has to send, waiting while the socket is full."""
         conn = self._conn
-        while data := conn.data_to_send():
+        data = conn.data_to_send()
+        while data:
             try:
                 n = self._sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -398,6 +399,7 @@ class PoolClient:
             except OSError as exc:
                 raise self._fail(WriteError(f"sending to the worker failed: {exc}")) from exc
             conn.bytes_sent(n)
+            data = data[n:]
 
     async def _next_event(self) -> Event:
         """Read until the protocol object has an event (polling first, see the module doc)."""
@@ -405,12 +407,15 @@ class PoolClient:
         _in_flight[loop] = _in_flight.get(loop, 0) + 1
         try:
             spin_until = time.perf_counter() + self._spin
-            while (event := conn.next_event()) is NEED_DATA:
-                if self._recv():
+            while True:
+                received = self._recv()  # read first: the reply is usually all there is
+                if (event := conn.next_event()) is not NEED_DATA:
+                    break
+                if received:
                     continue
                 if _in_flight[loop] > 1 or time.perf_counter() >= spin_until:
                     await self._wait_fd(writable=False)
-                else:  # poll again after one turn of the loop: other tasks run meanwhile
+                else:  # poll after one turn of the loop: other tasks run meanwhile
                     await asyncio.sleep(0)
                     conn.check_usable()
             assert not isinstance(event, NeedData)

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import sys
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -35,7 +36,8 @@ def _slow_echo(delays: list[float]) -> Any:
     return script
 
 
-def test_one_request_object_sent_twice_keeps_each_late_reply_on_its_row() -> None:
+def test_one_request_object_sent_twice_keeps_each_late_reply_on_its_row(
+        run: Callable[[Any], Any]) -> None:
     async def main() -> None:
         async with FakeWorker(_slow_echo([1.0, 0.0])) as fake:
             manager = ConnectionManager(History(None))
@@ -54,10 +56,10 @@ def test_one_request_object_sent_twice_keeps_each_late_reply_on_its_row() -> Non
             assert third.ok and third.seq == 2 and third.payload["token"] == "t"
             manager.close_all()
 
-    asyncio.run(main())
+    run(main())  # on asyncio and on uvloop
 
 
-def test_requests_given_up_before_sending_leave_nothing_behind() -> None:
+def test_requests_given_up_before_sending_leave_nothing_behind(run: Callable[[Any], Any]) -> None:
     async def main() -> None:
         async with FakeWorker(_slow_echo([0.5])) as fake:
             manager = ConnectionManager(History(None))
@@ -77,7 +79,7 @@ def test_requests_given_up_before_sending_leave_nothing_behind() -> None:
             assert outcomes["cancelled"] == 200 and outcomes["ok"] == 1
             manager.close_all()
 
-    asyncio.run(main())
+    run(main())  # on asyncio and on uvloop
 
 
 def test_connection_state_and_argument_errors() -> None:

@@ -36,7 +36,8 @@ return first .. "+" .. second
 """
 
 
-def _drive(body: Callable[[Connection], Awaitable[None]]) -> None:
+def _drive(body: Callable[[Connection], Awaitable[None]],
+           run: Callable[[Any], Any] = asyncio.run) -> None:
     """Run ``body`` with a fresh manager (in-memory history) and a spawned worker."""
     async def main() -> None:
         manager = ConnectionManager(History(None))
@@ -47,10 +48,10 @@ def _drive(body: Callable[[Connection], Awaitable[None]]) -> None:
             await conn.shutdown()
             manager.close_all()
 
-    asyncio.run(asyncio.wait_for(main(), 60))
+    run(asyncio.wait_for(main(), 60))
 
 
-def test_answers_in_any_order_with_observers() -> None:
+def test_answers_in_any_order_with_observers(run: Callable[[Any], Any]) -> None:
     async def body(conn: Connection) -> None:
         session = await conn.run(THREE)
         assert isinstance(session, Session) and conn.session is session
@@ -81,7 +82,7 @@ def test_answers_in_any_order_with_observers() -> None:
         last = df.iloc[-1]  # the request that finished the session carries its metrics
         assert last["feed_state"] == "completed" and last["llm_calls"] == 3
 
-    _drive(body)
+    _drive(body, run)  # on asyncio and on uvloop
 
 
 def test_answer_rejects_unknown_queries_and_bad_values() -> None:
@@ -117,7 +118,7 @@ def test_failed_session_and_worker_errors() -> None:
     _drive(body)
 
 
-def test_answer_all_answers_one_pause_concurrently() -> None:
+def test_answer_all_answers_one_pause_concurrently(run: Callable[[Any], Any]) -> None:
     async def body(conn: Connection) -> None:
         started: list[str] = []
         all_started = asyncio.Event()
@@ -132,10 +133,11 @@ def test_answer_all_answers_one_pause_concurrently() -> None:
         session = await conn.run(THREE, respond=respond)
         assert session.state is SessionState.COMPLETED and session.result == "A?,B?,C?"
 
-    _drive(body)
+    _drive(body, run)  # on asyncio and on uvloop
 
 
-def test_sync_responders_run_in_threads_bounded_by_max_concurrency() -> None:
+def test_sync_responders_run_in_threads_bounded_by_max_concurrency(
+        run: Callable[[Any], Any]) -> None:
     async def body(conn: Connection) -> None:
         barrier = threading.Barrier(2, timeout=20)
         lock = threading.Lock()
@@ -158,7 +160,7 @@ def test_sync_responders_run_in_threads_bounded_by_max_concurrency() -> None:
         with pytest.raises(InvalidArgument):
             await session.answer_all(respond, max_concurrency=0)
 
-    _drive(body)
+    _drive(body, run)  # on asyncio and on uvloop
 
 
 def test_responder_failure_leaves_the_session_paused_and_answerable() -> None:

@@ -135,7 +135,7 @@ TRANSITIONS: Final[dict[State, dict[Input, State]]] = {
 # ------------------------------------------------------------------------- events
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseReceived:
     """The reply to the request in flight; ``context`` is what ``send`` was given."""
 
@@ -144,7 +144,7 @@ class ResponseReceived:
     context: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseUnreadable:
     """A whole reply line arrived but is not a valid response; framing is intact."""
 
@@ -153,7 +153,7 @@ class ResponseUnreadable:
     context: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LateReplyReceived:
     """The reply (or an unreadable line) owed to a request whose caller gave up."""
 
@@ -163,7 +163,7 @@ class LateReplyReceived:
     context: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HandshakeAccepted:
     """The worker echoed our version: requests may follow."""
 
@@ -172,7 +172,7 @@ class HandshakeAccepted:
     context: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HandshakeRejected:
     """The handshake failed (``VersionMismatch`` carries the worker's version).
 
@@ -184,7 +184,7 @@ class HandshakeRejected:
     context: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionEnded:
     """The worker closed the connection while no reply was owed."""
 
@@ -215,11 +215,11 @@ class _Exchange:
     """The request in flight: its line, how much of it is still unwritten, who waits."""
 
     request: Request
-    line: bytes
-    unsent: memoryview
+    size: int  # of the whole line
+    unsent: bytes | memoryview  # a memoryview once partly written: no copies
     context: Any
+    expected_version: str | None  # set for a handshake: the version we asked for
     abandoned: bool = False
-    expected_version: str | None = None
 
 
 class ClientConnection:
@@ -232,13 +232,14 @@ class ClientConnection:
     and then, sticky, as ``ConnectionBroken``.
     """
 
-    __slots__ = ("_buffer", "_closed_by", "_eof", "_exchange", "_failure", "server_version",
-                 "state")
+    __slots__ = ("_buffer", "_closed_by", "_eof", "_exchange", "_failure", "_received",
+                 "server_version", "state")
 
     def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self.state = State.CONNECTING
         self.server_version: str | None = None
         self._buffer = LineBuffer(max_line_bytes)
+        self._received = self._buffer.buffer  # the same bytearray, to test emptiness cheaply
         self._exchange: _Exchange | None = None
         self._eof = False
         self._failure: ConnectionBroken | None = None
@@ -297,12 +298,12 @@ class ClientConnection:
             self.check_usable()
             raise ProtocolStateError(self.state.value, move.value)
         line = encode_request(request)
-        if self._eof or len(self._buffer):
+        if self._eof or self._received:
             self._check_quiet()
         self.state = row[move]
         self._exchange = _Exchange(
-            request, line, memoryview(line), context,
-            expected_version=request.version if isinstance(request, Handshake) else None,
+            request, len(line), line, context,
+            request.version if isinstance(request, Handshake) else None,
         )
         return line
 
@@ -315,18 +316,21 @@ class ClientConnection:
             self._closed_by = ConnectionClosed()
             raise self._closed_by
 
-    def data_to_send(self) -> memoryview:
+    def data_to_send(self) -> bytes | memoryview:
         """The part of the request line not written yet (empty when none)."""
-        return self._exchange.unsent if self._exchange is not None else memoryview(b"")
+        return self._exchange.unsent if self._exchange is not None else b""
 
     def bytes_sent(self, count: int) -> None:
         """The I/O layer wrote ``count`` more bytes of :meth:`data_to_send`."""
         exchange = self._exchange
         if exchange is None or count > len(exchange.unsent) or self.state is not State.SENDING:
             raise ProtocolStateError(self.state.value, f"report {count} bytes written")
-        exchange.unsent = exchange.unsent[count:]
+        if count == len(exchange.unsent):
+            exchange.unsent = b""
+        else:
+            exchange.unsent = memoryview(exchange.unsent)[count:]
         if not exchange.unsent:
-            self._move(Input.WRITTEN)
+            self.state = TRANSITIONS[State.SENDING][Input.WRITTEN]
 
     def abandon(self) -> bool:
         """The caller of the request in flight gave up; returns True if a reply is owed.
@@ -339,7 +343,7 @@ class ClientConnection:
         exchange = self._exchange
         if exchange is None or self.state not in (State.SENDING, State.AWAITING):
             return False
-        if self.state is State.SENDING and len(exchange.unsent) == len(exchange.line):
+        if self.state is State.SENDING and len(exchange.unsent) == exchange.size:
             self._exchange = None
             self._move(Input.WITHDRAW_HANDSHAKE if exchange.expected_version is not None
                        else Input.WITHDRAW)
@@ -378,12 +382,12 @@ class ClientConnection:
             raise self._fail(UnsolicitedResponse(line))
         self._exchange = None
         try:
-            response = decode_response(line, len(exchange.line))
+            response = decode_response(line, exchange.size)
         except ResponseParseError as exc:
             return self._unreadable(exchange, exc)
         if exchange.expected_version is not None:
             return self._handshake_reply(exchange, response)
-        self._move(Input.REPLY)
+        self.state = TRANSITIONS[State.AWAITING][Input.REPLY]
         if exchange.abandoned:
             return LateReplyReceived(exchange.request, response, None, exchange.context)
         return ResponseReceived(exchange.request, response, exchange.context)

@@ -130,6 +130,11 @@ class LineBuffer:
         return len(self._buf)
 
     @property
+    def buffer(self) -> bytearray:
+        """The buffered bytes themselves (one object for the buffer's lifetime; read only)."""
+        return self._buf
+
+    @property
     def pending(self) -> bytes:
         """Buffered bytes not yet part of a complete line."""
         return bytes(self._buf)
