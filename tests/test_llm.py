@@ -244,18 +244,24 @@ def test_answers_say_whether_they_were_replayed(chat: FakeChatServer) -> None:
 
 def test_one_query_asked_before_the_others_keeps_its_place(chat: FakeChatServer) -> None:
     """Occurrences are numbered over the whole pause, whichever query is asked first."""
+    code = ("local qs = {} for i = 1, 3 do qs[i] = {prompt = 'Flip a coin.'} end "
+            "return alc.llm_batch(qs)")
     responder = llm.openai("m", base_url=chat.base_url)
-    queries = tuple(proto.Query(f"q-{i}", "Flip a coin.") for i in range(3))
 
-    async def ask(order: list[int]) -> dict[str, str]:
-        session = Run()
-        return {queries[i].id: (await responder.answer(queries[i], session=session, pause=0,
-                                                       queries=queries)).text for i in order}
+    async def ask_the_last_first() -> Session:
+        async with worker() as conn:
+            session = await start(conn, code)
+            await session.ask(responder, "q-2")  # the widget's "ask" on one query
+            await session.answer_all(responder)
+            return session
 
-    recorded = run(ask([2, 0, 1]))
-    assert run(ask([0, 1, 2])) == recorded and chat.calls == 3
+    recorded = run(ask_the_last_first())
+    assert recorded.result[2] == "sample 1: Flip a coin."
+    replay = llm.openai("m", cache="replay", store=responder.store)
+    assert run(run_answered(code, replay)).result == recorded.result
+    assert chat.calls == 3
     with pytest.raises(InvalidArgument, match="pass the Session object"):
-        run(responder.answer(queries[0], session="s-1", pause=0))
+        run(responder.answer(proto.Query("q-0", "x"), session="s-1", pause=0))
 
 
 def test_replay_miss_fails_clearly_and_leaves_the_session_paused(
