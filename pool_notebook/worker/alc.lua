@@ -5,14 +5,14 @@
 local raw_host = ...
 local alc = {}
 
--- Host functions raise Python exceptions; Lua code sees only their text (no Python
--- object ever reaches Lua), as a Lua error at the caller's line.
+-- Host functions answer (true, results...) or (false, message): the message becomes a
+-- Lua error at the caller's line (no Python exception object ever reaches Lua).
 local host = {}
 for name, f in pairs(raw_host) do
   if type(f) == "userdata" then
     host[name] = function(...)
-      local r = table.pack(pcall(f, ...))
-      if not r[1] then error(tostring(r[2]), 2) end
+      local r = table.pack(f(...))
+      if not r[1] then error(r[2], 2) end
       return table.unpack(r, 2, r.n)
     end
   else

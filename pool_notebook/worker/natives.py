@@ -18,24 +18,18 @@ from typing import TYPE_CHECKING, Any
 
 from ..registry import algocline_home, home
 from . import textops
-from .mathlib import MathLib
-from .stores import CardStore, StateStore
+from .mathlib import MathError, MathLib
+from .stores import CardStore, StateStore, StoreError
 
 if TYPE_CHECKING:
     from .runtime import LuaSession
 
-__all__ = ["host_functions", "read_source"]
+__all__ = ["host_functions"]
 
 log = logging.getLogger("pool_notebook.worker.lua")
 
 _LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
            "debug": logging.DEBUG}
-
-
-def read_source(path: str) -> str:
-    """A Lua module's text (the module searcher's only file access)."""
-    with open(path, encoding="utf-8") as f:
-        return f.read()
 
 
 def _opt(table: Any, key: str, kind: type | tuple[type, ...]) -> Any:
@@ -64,6 +58,23 @@ def _lua_type(value: Any) -> str:
     if isinstance(value, str):
         return "string"
     return "table"
+
+
+def _lua_cost(value: Any) -> int:
+    """Bytes ``value`` will take as Lua values (tables, slots, strings), roughly."""
+    total, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += 24 + len(v)
+        elif isinstance(v, dict):
+            total += 56 + 40 * len(v)
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            total += 56 + 16 * len(v)
+            stack.extend(v)
+    return total
 
 
 class _Bridge:
@@ -135,14 +146,19 @@ class _Bridge:
 
     def json_decode(self, text: Any) -> Any:
         _text(text, "alc.json_decode", "the argument")
-        ensure_room = getattr(self.session, "ensure_room", None)
-        if ensure_room is not None:
-            ensure_room(len(text) * 4)  # decoded Lua tables take a few times the text
         try:
             value = json.loads(text)
         except (ValueError, RecursionError) as exc:
             raise ValueError(f"alc.json_decode: {exc}") from None
+        self.reserve(value, "alc.json_decode")
         return self.null if value is None and self.null is not None else self.lua(value)
+
+    def reserve(self, value: Any, fname: str) -> None:
+        """Refuse, before copying into Lua, a value the session's memory cap cannot hold
+        (copying first would abort or thrash the VM at the cap)."""
+        ensure_room = getattr(self.session, "ensure_room", None)
+        if ensure_room is not None:
+            ensure_room(_lua_cost(value), fname)
 
     # ------------------------------------------------------------------ state
 
@@ -152,7 +168,10 @@ class _Bridge:
         key = _text(key, f"alc.state.{op}", "key")
         if op == "get":
             found, value = self.state.get(ns, key)
-            return self.lua(value) if found else (args[0] if args else None)
+            if not found:
+                return args[0] if args else None
+            self.reserve(value, "alc.state.get")
+            return self.lua(value)
         if op in ("set", "set_nx"):
             value = self.py(args[0] if args else None)
             self.charge(value)
@@ -206,10 +225,10 @@ class _Bridge:
                 include_stats=first.get("include_stats") is not False,
                 relation_filter=[str(r) for r in filt] if isinstance(filt, list) else None))
         card_id = _text(first, f"alc.card.{op}", "the first argument")
-        if op == "get":
-            return self.lua(cards.get(card_id))
-        if op == "get_by_alias":
-            return self.lua(cards.get_by_alias(card_id))
+        if op in ("get", "get_by_alias"):
+            card = cards.get(card_id) if op == "get" else cards.get_by_alias(card_id)
+            self.reserve(card, f"alc.card.{op}")
+            return self.lua(card)
         if op == "append":
             self.charge(second)
             return self.lua(cards.append(card_id, second))
@@ -223,9 +242,11 @@ class _Bridge:
             path, count = cards.write_samples(card_id, second)
             return self.lua({"path": path, "count": count})
         if op == "read_samples":
-            return self.lua(cards.read_samples(card_id, offset=_opt(second, "offset", int) or 0,
-                                               limit=_opt(second, "limit", int),
-                                               where=_opt(second, "where", dict)))
+            samples = cards.read_samples(card_id, offset=_opt(second, "offset", int) or 0,
+                                         limit=_opt(second, "limit", int),
+                                         where=_opt(second, "where", dict))
+            self.reserve(samples, "alc.card.read_samples")
+            return self.lua(samples)
         raise ValueError(f"alc.card.{op}: no such function")
 
     # ------------------------------------------------------------------ the rest
@@ -283,6 +304,11 @@ class _Bridge:
                                   0.7 if threshold is None else float(threshold))
 
     def table(self) -> dict[str, Any]:
+        """Every host function, guarded (see :func:`_guarded`); ``null`` as a value."""
+        return {name: f if name == "null" else _guarded(name, f)
+                for name, f in self._functions().items()}
+
+    def _functions(self) -> dict[str, Any]:
         return {
             "null": self.null,
             "log": self.log,
@@ -302,8 +328,31 @@ class _Bridge:
             "dirs": lambda: self.lua(self.dirs),
             "math_names": lambda: self.lua(sorted(self.math_functions)),
             "math_fn": self.math_fn,
-            "read_source": read_source,
         }
+
+
+_DOMAIN_ERRORS = (ValueError, StoreError, MathError, KeyError, MemoryError)
+
+
+def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` returning ``(True, *results)``, or ``(False, message)`` instead of raising.
+
+    ``alc.lua`` raises the message as a Lua error. No Python exception ever reaches
+    Lua: its traceback would keep the Lua arguments (and their coroutine's state)
+    alive past the coroutine, and it would be a Python object in the sandbox.
+    """
+    def call(*args: Any) -> tuple[Any, ...]:
+        try:
+            result = fn(*args)
+        except _DOMAIN_ERRORS as exc:
+            message = str(exc) if not isinstance(exc, KeyError) else f"unknown handle {exc}"
+        except Exception as exc:  # a bug here must still fail the Lua call, not the worker
+            message = f"{name}: internal error: {type(exc).__name__}: {exc}"
+        else:
+            return (True, *result) if isinstance(result, tuple) else (True, result)
+        del args
+        return (False, message)
+    return call
 
 
 def host_functions(session: LuaSession) -> dict[str, Any]:
