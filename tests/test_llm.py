@@ -211,6 +211,8 @@ def test_a_rerun_replays_the_same_answers_in_order_with_no_provider_call(
     assert chat.calls == 9
     assert again.result == first.result
     assert usages(again) == usages(first)
+    assert [a.replayed for a in first.answers.values()] == [False] * 9
+    assert [a.replayed for a in again.answers.values()] == [True] * 9
     replay = run(run_answered(code, llm.openai("m", cache="replay", store=store)))
     assert replay.result == first.result and chat.calls == 9
     # cache="off" neither reads nor records
