@@ -182,6 +182,7 @@ class History:
         self._requests: list[_FlushRequest] = []
         self._writer: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
+        self._failing = False
 
     def __len__(self) -> int:
         return len(self._latency)
@@ -390,11 +391,14 @@ class History:
                     db.executemany(f"INSERT OR REPLACE INTO requests "
                                    f"({', '.join(_SQL_COLUMNS)}) VALUES ({marks})", rows)
             except (sqlite3.Error, OSError) as exc:
-                log.warning("pool_notebook history: cannot write %s (%s); will retry",
-                            self.path, exc)
+                if not self._failing:  # once per streak, not every interval
+                    log.warning("pool_notebook history: cannot write %s (%s); rows are kept "
+                                "and retried", self.path, exc)
+                self._failing = True
                 with self._lock:
                     self._dirty.update(row[0] for row in rows)
                 return 0
+        self._failing = False
         self._flushed = n
         return len(rows)
 
@@ -404,7 +408,11 @@ class History:
             self._wake.clear()
             with self._lock:
                 requests, self._requests = self._requests, []
-            written = self._write()
+            try:
+                written = self._write()
+            except Exception:  # nobody would see it raise here: keep the writer alive
+                log.exception("pool_notebook history: writing %s failed", self.path)
+                written = 0
             for request in requests:
                 request.written = written
                 request.done.set()

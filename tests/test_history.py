@@ -141,6 +141,23 @@ def test_file_from_an_older_version_gains_the_new_columns(tmp_path: Path) -> Non
     h.close()
 
 
+def test_rows_are_kept_while_the_database_cannot_be_written(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "sub"
+    blocker.write_text("a file where the history's directory should be")
+    h = History(blocker / "h.sqlite", kernel_session="k")
+    _add(h)
+    _add(h, "run")
+    assert h.flush() == 0 and h.flush() == 0  # cannot write: nothing lost, nothing written
+    assert len([r for r in caplog.records if "cannot write" in r.getMessage()]) == 1
+    blocker.unlink()
+    _add(h, "shutdown")
+    assert h.flush() == 3  # the kept rows go out with the new one
+    assert [op for _seq, op, _outcome, _calls in _sql_rows(blocker / "h.sqlite")] == \
+        ["status", "run", "shutdown"]
+    h.close()
+
+
 _SCRIPT = textwrap.dedent("""
     import asyncio, sys, time
     import pool_notebook
