@@ -8,7 +8,7 @@ run, interleaved round by round, N ``status`` requests each:
 
 - a blocking ``socket`` client (the floor: ``sendall`` + buffered ``readline``);
 - naive asyncio streams (``open_unix_connection``, ``write``/``drain``/``readline``);
-- ours, ``PoolClient`` on asyncio and on uvloop;
+- ours, ``PoolClient`` on asyncio and on uvloop, and with polling off;
 - ours "before": ``pool_notebook/client.py`` of git ``REF`` (default: the commit
   before the protocol state machine), run against the current protocol package.
 
@@ -135,9 +135,9 @@ async def _naive(path: str) -> list[float]:
     return out
 
 
-async def _ours(client_class: Any, path: str) -> list[float]:
+async def _ours(client_class: Any, path: str, **options: Any) -> list[float]:
     out = []
-    async with await client_class.connect(path, allow_insecure=True) as c:
+    async with await client_class.connect(path, allow_insecure=True, **options) as c:
         for _ in range(N):
             t = time.perf_counter()
             await c.status()
@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
         "naive asyncio streams": lambda: asyncio.run(_naive(path)),
         "ours, asyncio": lambda: _on("asyncio", _ours(PoolClient, path)),
         "ours, uvloop": lambda: _on("uvloop", _ours(PoolClient, path)),
+        "ours, asyncio, no polling (spin_seconds=0)":
+            lambda: _on("asyncio", _ours(PoolClient, path, spin_seconds=0)),
         f"ours before ({args.before}), asyncio": lambda: _on("asyncio", _ours(before, path)),
         f"ours before ({args.before}), uvloop": lambda: _on("uvloop", _ours(before, path)),
     }

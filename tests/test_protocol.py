@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pool_notebook import protocol as proto
 from pool_notebook.errors import (
     HandshakeError,
+    InvalidArgument,
     MalformedRequest,
     ResponseEncodeError,
     ResponseParseError,
@@ -342,6 +343,11 @@ def test_usage_at_the_bounds_is_fine() -> None:
 def test_include_history_must_be_a_boolean() -> None:
     with pytest.raises(MalformedRequest, match="include_history"):
         proto.decode_request(b'{"op":"status","include_history":"no"}\n')
+
+
+def test_line_buffer_limit_must_fit_a_newline() -> None:
+    with pytest.raises(InvalidArgument, match="at least 2, got 1"):
+        proto.LineBuffer(max_line_bytes=1)
 
 
 def test_line_buffer_raises_the_error_its_owner_chose() -> None:

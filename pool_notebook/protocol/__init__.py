@@ -1,13 +1,14 @@
 """The pool-worker wire protocol, sans I/O: bytes in, typed events out.
 
 ``framing`` turns bytes into bounded lines and strict JSON; ``messages`` holds
-the typed requests and responses both ends encode and decode; the connection
-state machines for each role live beside them. Nothing in this package touches
+the typed requests and responses both ends encode and decode; ``client`` and
+``worker`` are the connection state machines of the two roles. Nothing in this package touches
 a socket, an event loop or IPython.
 """
 
 from __future__ import annotations
 
+from .client import ClientConnection
 from .framing import (
     DEFAULT_MAX_LINE_BYTES,
     MAX_DEPTH,
@@ -57,6 +58,7 @@ __all__ = [
     "MAX_USAGE_TOKENS",
     "Accepted",
     "Cancelled",
+    "ClientConnection",
     "Completed",
     "Continue",
     "Failed",

@@ -13,7 +13,13 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import MalformedRequest, PoolError, ProtocolError, ResponseTooLarge
+from ..errors import (
+    InvalidArgument,
+    MalformedRequest,
+    PoolError,
+    ProtocolError,
+    ResponseTooLarge,
+)
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
@@ -73,6 +79,9 @@ def _validate(value: Any, depth: int = 0) -> None:
 def loads_strict(line: bytes) -> Any:
     """Decode one line as strict UTF-8 JSON, or raise ``ValueError`` saying why.
 
+    The decoders (``decode_request``/``decode_response``) turn that ``ValueError``
+    into their typed errors; this is their shared helper.
+
     Refused: a BOM, invalid UTF-8 (surrogates included), NaN/Infinity, integers
     over MAX_INT_DIGITS digits, nesting over MAX_DEPTH, lone ``\\uD8xx`` escapes,
     trailing data. The cheap prefilters keep the common case at ``json.loads`` speed.
@@ -120,7 +129,7 @@ class LineBuffer:
         too_long: Callable[[int, bytes], ProtocolError] = ResponseTooLarge,
     ) -> None:
         if max_line_bytes < 2:
-            raise ValueError("max_line_bytes must be at least 2")
+            raise InvalidArgument(f"max_line_bytes must be at least 2, got {max_line_bytes}")
         self.max_line_bytes = max_line_bytes
         self._too_long = too_long
         self._buf = bytearray()
