@@ -16,7 +16,7 @@ import html
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -317,12 +317,15 @@ def _query_html(q: proto.Query) -> str:
             f"{html.escape(q.prompt)}</pre></div>")
 
 
-def _transcript(steps: Iterable[Reply]) -> list[str]:
-    """One line per step: what was asked, answered, and how it ended."""
+def _transcript(session: Session) -> list[str]:
+    """One line per step: what was asked, answered (replayed from the store?), how it ended."""
     lines = []
-    for r in steps:
+    for i, r in enumerate(session.steps):
         if isinstance(r.request, proto.Continue):
-            lines.append(f"answered {r.request.query_id or 'q-0'}: {r.request.response[:200]}")
+            answer = session.answers.get(i)
+            mark = " (replayed)" if answer is not None and answer.replayed else ""
+            lines.append(f"answered {r.request.query_id or 'q-0'}{mark}: "
+                         f"{r.request.response[:200]}")
         feed = r.feed
         if isinstance(feed, proto.Paused):
             lines.append("asked: " + "; ".join(q.prompt[:120] for q in feed.queries))
@@ -364,7 +367,7 @@ def _session_outcome_html(session: Session, first_line: int) -> str:
 
 
 def _transcript_html(session: Session) -> str:
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in _transcript(session.steps))
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in _transcript(session))
     return f"<ol class='pool-transcript' style='margin:0'>{items}</ol>"
 
 
@@ -397,21 +400,44 @@ def session_text(session: Session, *, first_line: int = 1) -> str:
     return "\n".join(out)
 
 
+def responder_label(responder: Any) -> str:
+    """What an "ask ..." button names: a model responder's model, else the function's name."""
+    model = getattr(responder, "model", None)
+    if isinstance(model, str) and model:
+        return model
+    name = getattr(responder, "__name__", "")
+    return name if name and name != "<lambda>" else "responder"
+
+
+@dataclass
+class _Row:
+    """The widgets of one pending query: answer box, Send, and "ask MODEL" if any."""
+
+    text: Any
+    send: Any
+    ask: Any
+    box: Any
+
+
 class SessionView:
     """A session as it goes: answer boxes for pending queries, then its outcome.
 
     Renders ``session`` and acts only through it: Send schedules
-    ``session.answer(text, query_id)`` on the kernel loop; the session tells the
-    view of every change (``session.observe``) and the view redraws itself.
+    ``session.answer(text, query_id)`` on the kernel loop, "ask MODEL" (shown when
+    a ``responder`` is given) ``session.ask(responder, query_id)`` or, for all,
+    ``session.answer_all(responder)``; the session tells the view of every change
+    (``session.observe``) and the view redraws itself.
     """
 
-    def __init__(self, session: Session, *, use_widgets: bool = True,
-                 first_line: int = 1) -> None:
+    def __init__(self, session: Session, *, use_widgets: bool = True, first_line: int = 1,
+                 responder: Any = None) -> None:
         self.session = session
         self.first_line = first_line
+        self.responder = responder
         self.errors: list[str] = []
         self._box: Any = None
-        self._inputs: dict[str, tuple[Any, Any]] = {}
+        self._rows: dict[str, _Row] = {}
+        self._ask_all: Any = None
         self._unobserve: Callable[[], None] | None = None
         if use_widgets:
             import ipywidgets as widgets
@@ -430,7 +456,19 @@ class SessionView:
 
     def answer_widgets(self, query_id: str) -> tuple[Any, Any]:
         """The answer ``Textarea`` and **Send** ``Button`` shown for a pending query."""
-        return self._inputs[query_id]
+        row = self._rows[query_id]
+        return row.text, row.send
+
+    def ask_button(self, query_id: str | None = None) -> Any:
+        """The "ask MODEL" button of a pending query, or (None) the one for all of them."""
+        if query_id is None:
+            if self._ask_all is None:
+                raise KeyError("no responder: no 'ask' buttons")
+            return self._ask_all
+        ask = self._rows[query_id].ask
+        if ask is None:
+            raise KeyError("no responder: no 'ask' buttons")
+        return ask
 
     def html(self) -> str:
         return session_html(self.session, first_line=self.first_line, errors=self.errors)
@@ -445,45 +483,71 @@ class SessionView:
         pending = session.pending
         if not pending:
             self._box.children = [widgets.HTML(self.html())]
-            self._inputs = {}
+            self._rows = {}
             if self._unobserve is not None and session.done:
                 self._unobserve()  # nothing will change any more
                 self._unobserve = None
             return
-        children: list[Any] = [widgets.HTML(
+        head: list[Any] = [widgets.HTML(
             f"{_session_head(session, str(session.state))} ({len(pending)} pending)")]
-        inputs: dict[str, tuple[Any, Any]] = {}
-        for q in pending:
-            if q.id in self._inputs:  # keep what was typed into the other boxes
-                text, button = inputs[q.id] = self._inputs[q.id]
-            else:
-                text = widgets.Textarea(placeholder=f"answer for {q.id}",
-                                        layout=widgets.Layout(width="95%"))
-                button = widgets.Button(description="Send", button_style="primary",
-                                        tooltip=f"continue {q.id}")
-                button.add_class("pool-send")
-                button.on_click(lambda _b, q=q, text=text, button=button:
-                                self._send(q, text, button))
-                inputs[q.id] = (text, button)
-            children.append(widgets.VBox([widgets.HTML(_query_html(q)),
-                                          widgets.HBox([text, button])]))
-        children.append(widgets.HTML(_transcript_html(session) + "".join(
-            f"<div class='pool-view-error' style='color:{_RED}'>{html.escape(e)}</div>"
-            for e in self.errors)))
-        self._inputs = inputs
-        self._box.children = children
+        if self.responder is not None:
+            if self._ask_all is None:
+                self._ask_all = self._button(f"ask {responder_label(self.responder)} for all",
+                                             "pool-ask-all", self._ask_everything)
+            head.append(self._ask_all)
+        self._rows = {q.id: self._rows.get(q.id) or self._row(q) for q in pending}
+        self._box.children = [
+            widgets.HBox(head), *(row.box for row in self._rows.values()),
+            widgets.HTML(_transcript_html(session) + "".join(
+                f"<div class='pool-view-error' style='color:{_RED}'>{html.escape(e)}</div>"
+                for e in self.errors))]
 
-    def _send(self, query: proto.Query, text: Any, button: Any) -> None:
-        """Send click: the session answers this query, as a task on the kernel loop."""
+    def _button(self, label: str, css: str, click: Callable[[Any], None]) -> Any:
+        import ipywidgets as widgets
+
+        button = widgets.Button(description=label, button_style="primary",
+                                layout=widgets.Layout(width="auto"))
+        button.add_class(css)
+        button.on_click(click)
+        return button
+
+    def _row(self, query: proto.Query) -> _Row:
+        """Widgets for one query; kept across redraws so typed text survives."""
+        import ipywidgets as widgets
+
+        text = widgets.Textarea(placeholder=f"answer for {query.id}",
+                                layout=widgets.Layout(width="95%"))
+        send = self._button("Send", "pool-send", lambda _b: self._act(
+            self.session.answer(text.value, query.id), row))
+        send.tooltip = f"continue {query.id}"
+        ask = None
+        if self.responder is not None:
+            ask = self._button(f"ask {responder_label(self.responder)}", "pool-ask",
+                               lambda _b: self._act(self.session.ask(self.responder, query.id),
+                                                    row))
+        controls = [text, send] + ([ask] if ask is not None else [])
+        box = widgets.VBox([widgets.HTML(_query_html(query)), widgets.HBox(controls)])
+        row = _Row(text, send, ask, box)
+        return row
+
+    def _act(self, coro: Coroutine[Any, Any, Any], row: _Row | None) -> None:
+        """A click: the session does it, as a task on the kernel loop; buttons wait."""
         from .loop import runner
 
-        button.disabled = True
-        button.description = "Sending…"
-        task = runner.schedule(self.session.answer(text.value, query.id))
-        task.add_done_callback(lambda t: self._sent(t, button))
+        buttons = [row.send, row.ask] if row is not None else [self._ask_all]
+        for button in buttons:
+            if button is not None:
+                button.disabled = True
+        if row is not None:
+            row.send.description = "Sending…"
+        task = runner.schedule(coro)
+        task.add_done_callback(lambda t: self._done(t, buttons, row))
 
-    def _sent(self, task: asyncio.Task[Any], button: Any) -> None:
-        """Only failures need the view: a successful answer reaches it through observe."""
+    def _ask_everything(self, _button: Any) -> None:
+        self._act(self.session.answer_all(self.responder), None)
+
+    def _done(self, task: asyncio.Task[Any], buttons: list[Any], row: _Row | None) -> None:
+        """Only failures need the view: what succeeded reaches it through observe."""
         if task.cancelled():
             self.errors.append("the answer was cancelled")
         elif task.exception() is not None:
@@ -491,9 +555,13 @@ class SessionView:
             self.errors.append(f"{type(exc).__name__}: {exc}")
         else:
             return
-        button.disabled = False  # the query may still be pending: let it be sent again
-        button.description = "Send"
-        self._render()
+        for button in buttons:  # the queries may still be pending: let them be tried again
+            if button is not None:
+                button.disabled = False
+        if row is not None:
+            row.send.description = "Send"
+        if self._box is not None and not self.session.done:
+            self._render()
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle: dict[str, Any] = {"text/plain": session_text(self.session,

@@ -255,6 +255,9 @@ class PoolMagics(Magics):
     @argument("--respond", help="answers every paused query until the session ends: a Python "
               "callable f(query) -> str (sync or async), or a spec such as 'openai:MODEL' "
               "(default: %%config PoolMagics.respond)")
+    @argument("--manual", action="store_true",
+              help="do not answer with the responder; show the paused session, with an "
+              "'ask MODEL' button per query when a responder is set")
     @argument("--timeout", type=float, help="timeout per request in seconds")
     @argument("--out", help="store the Session in this variable")
     @line_cell_magic
@@ -262,7 +265,8 @@ class PoolMagics(Magics):
         """Run the cell as Lua code on the worker (a ``run`` request).
 
         Shows the session: a paused one with an answer box and Send button per
-        query, a failed one with its Lua error mapped to the cell's lines.
+        query (and "ask MODEL" when a responder is set and ``--manual`` or the
+        responder failed), a failed one with its Lua error mapped to the cell's lines.
         ``--out NAME`` stores the Session (``await NAME.answer("...")``).
         The cell is sent as written (Lua tables use braces); pass Python values
         with ``--ctx`` (the Lua global ``ctx``).
@@ -278,8 +282,9 @@ class PoolMagics(Magics):
         session: Session = self._run(conn.run(cell, ctx=ctx, lib_paths=args.lib,
                                               timeout=timeout))
         self._store(args.out, session)
-        view = SessionView(session, use_widgets=self._widgets(), first_line=2)
-        if respond is not None and session.pending:
+        view = SessionView(session, use_widgets=self._widgets(), first_line=2,
+                           responder=respond)
+        if respond is not None and session.pending and not args.manual:
             progress = _Progress(conn.name, self.progress_after)
             stop = session.observe(progress.step)
             progress.step(session)

@@ -143,6 +143,46 @@ def test_widget_send_answers_through_the_session(ip: InteractiveShell,
     assert "boom from Lua" in failed.widget.children[0].value
 
 
+def test_ask_buttons_answer_through_the_session(ip: InteractiveShell,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from pool_notebook.session import Answer
+
+    monkeypatch.setenv("POOL_NOTEBOOK_WIDGETS", "1")
+    ip.run_line_magic("pool_connect", "")
+    calls: list[str] = []
+
+    def recorded(query: proto.Query) -> Answer:
+        calls.append(query.prompt)
+        if query.prompt == "boom?":
+            raise RuntimeError("provider down")
+        return Answer(query.prompt.upper(), replayed=query.prompt == "p1")
+
+    ip.user_ns["recorded"] = recorded
+    view = ip.run_cell_magic(
+        "pool_run", "--respond recorded --manual --out s",
+        "local r = alc.llm_batch({{prompt = 'p1'}, {prompt = 'p2'}, {prompt = 'boom?'}})\n"
+        "return r[1] .. r[2] .. alc.llm('p3')")
+    session = ip.user_ns["s"]
+    assert session.state == "paused" and calls == []  # --manual: nothing answered yet
+    assert view.ask_button("q-0").description == "ask recorded"
+    view.ask_button("q-0").click()
+    run = pool_notebook.loop.runner.run
+    run(_until(lambda: [q.id for q in session.pending] == ["q-1", "q-2"]))
+    assert calls == ["p1"]
+    assert "answered q-0 (replayed): P1" in view.widget.children[-1].value
+    failing = view.ask_button("q-2")
+    failing.click()
+    run(_until(lambda: view.errors != []))
+    assert "ResponderError" in view.errors[0] and not failing.disabled  # try again later
+    assert [q.id for q in session.pending] == ["q-1", "q-2"]
+    view.answer_widgets("q-2")[0].value = "typed"
+    view.answer_widgets("q-2")[1].click()
+    run(_until(lambda: [q.id for q in session.pending] == ["q-1"]))
+    view.ask_button().click()  # ask for all: drives the session to its end
+    run(_until(lambda: session.done))
+    assert session.result == "P1P2P3" and calls[-2:] == ["p2", "p3"]
+
+
 def test_failed_lua_leads_with_the_error_mapped_to_the_cell(ip: InteractiveShell) -> None:
     ip.run_line_magic("pool_connect", "")
     result, _, _ = _cell(ip, "%%pool_run --out s\nlocal x = 1\nerror('boom from Lua')\n")
