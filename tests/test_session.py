@@ -22,6 +22,7 @@ from pool_notebook.errors import (
 )
 from pool_notebook.history import History, Outcome, counts_from_metrics
 from pool_notebook.session import Answer, Session, SessionState, resolve_responder
+from tests.fakes import FakeChatServer
 
 pytestmark = pytest.mark.usefixtures("pool_home")
 
@@ -240,6 +241,24 @@ def test_ask_tells_a_pause_aware_responder_its_pause() -> None:
         assert len(calls) == 3 and all(a.replayed for a in calls.values())
 
     _drive(body)
+
+
+def test_a_model_spec_string_answers_through_the_llm_layer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeChatServer(delay=0.3, answer=lambda body, n: body["messages"][-1]["content"]
+                        .upper()) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+
+        async def body(conn: Connection) -> None:
+            session = await conn.run(THREE, respond="openai:session-test-model")
+            assert session.result == "A?,B?,C?" and server.calls == 3
+            assert server.max_in_flight >= 2  # one pause's queries went out together
+            rows = conn.history.frame()
+            sent = rows[rows["op"] == "continue"]
+            assert len(sent) == 3 and sent["prompt_tokens"].notna().all()  # usage went along
+
+        _drive(body)
 
 
 def test_resolve_responder() -> None:
