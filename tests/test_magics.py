@@ -313,6 +313,42 @@ def test_background_send_where_no_loop_runs_between_cells_is_refused(
     assert ip.run_line_magic("pool_send", "status").ok  # nothing left half-sent
 
 
+def test_terminal_ipython_background_send_then_await(pool_home: Any) -> None:
+    """In terminal IPython the task runs while the prompt waits, and ``await task`` works."""
+    import os
+    import sys
+    import time
+
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "IPython", "--no-banner", "--colors=nocolor",
+                                           "--no-confirm-exit"],
+                          env={**os.environ, "TERM": "xterm"}, encoding="utf-8", timeout=60,
+                          dimensions=(40, 200))
+    try:
+        for number, line in enumerate(["%load_ext pool_notebook", "%pool_connect --name t",
+                                       "_ = %pool_send --background --out task status"], 1):
+            child.expect(rf"In \[{number}\]:")
+            child.sendline(line)
+        done = "False"
+        for number in range(4, 40):  # the prompt, not a cell, runs the loop in between
+            child.expect(rf"In \[{number}\]:")
+            if done == "True":
+                break
+            time.sleep(0.1)
+            child.sendline("print('DONE', task.done())")
+            child.expect(r"DONE (\w+)")
+            done = child.match.group(1)
+        assert done == "True"
+        child.sendline("reply = await task; print('REPLY', reply.op, reply.outcome)")
+        child.expect(r"REPLY (\w+) (\w+)")
+        assert (child.match.group(1), child.match.group(2)) == ("status", "ok")
+        child.sendline("%pool_disconnect --all --shutdown")
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+
+
 def test_reconnect_by_sid_picks_up_paused_session(ip: InteractiveShell) -> None:
     conn = ip.run_line_magic("pool_connect", "--name first")
     view = ip.run_cell_magic("pool_run", "", "return 'ok: ' .. alc.llm('resume me')")
