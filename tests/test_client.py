@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ from pool_notebook import protocol as proto
 from pool_notebook.client import LateReply
 from pool_notebook.errors import ConnectTimeout
 from pool_notebook.security import check_peer
+from pool_notebook.spawn import spawn_and_connect
 from tests.fakes import CLOSE, HANG, Dribble, FakeWorker, err, ok
 
 Runner = Callable[[Any], Any]  # the conftest ``run`` fixture: asyncio, then uvloop
@@ -497,4 +499,21 @@ def test_fan_out_to_sixteen_workers_concurrently(run: Runner) -> None:
         finally:
             for w in workers:
                 await w.__aexit__()
+    run(main())
+
+
+def test_auto_version_against_a_real_worker_of_another_version(pool_home, run: Runner) -> None:
+    """The bundled worker speaking 0.30.0: algocline's mismatch text, then a second handshake."""
+    command = (f"{sys.executable} -m pool_notebook.worker --sid {{sid}} --sock {{sock}} "
+               "--protocol-version 0.30.0")
+
+    async def main() -> None:
+        with pytest.raises(VersionMismatch) as info:
+            await spawn_and_connect(command)
+        assert (info.value.client, info.value.server) == (PROTOCOL_VERSION, "0.30.0")
+        client, _worker = await spawn_and_connect(command, version="auto")
+        async with client:
+            assert client.server_version == "0.30.0"
+            assert (await client.status()).has_session is False
+            await client.shutdown()
     run(main())
