@@ -168,7 +168,7 @@ class FakeChatServer:
     default ``"sample n: <prompt>"``, so identical prompts get distinct samples),
     after ``delay`` seconds, with ``usage`` counted in words. ``fail(...)`` scripts
     429s (with ``retry-after``) or 5xx; ``outage = 500`` fails everything until
-    reset. It records every request body and the most requests it held at once.
+    reset. It records every request body and path, and the most requests it held at once.
     Runs in its own threads, so it is independent of the test's event loop.
     """
 
@@ -178,6 +178,7 @@ class FakeChatServer:
         self.answer = answer or (lambda body, n: f"sample {n}: {body['messages'][-1]['content']}")
         self.outage: int | None = None
         self.requests: list[dict[str, Any]] = []
+        self.paths: list[str] = []
         self.statuses: list[int] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -256,7 +257,9 @@ def _chat_handler(server: FakeChatServer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length))
-            if self.path.rstrip("/") != "/v1/chat/completions":
+            server.paths.append(self.path)
+            path = self.path.partition("?")[0]  # Azure: /openai/deployments/D/chat/completions
+            if not path.endswith("/chat/completions"):
                 status, headers, reply = 404, {}, {"error": {"message": f"no {self.path}"}}
             else:
                 status, headers, reply = server.handle(body)

@@ -156,6 +156,18 @@ def test_the_magic_runs_a_cell_answered_by_the_model(chat: FakeChatServer,
         shell.run_line_magic("unload_ext", "pool_notebook")
 
 
+def test_azure_deployments_go_through_the_sdks_azure_client(
+        chat: FakeChatServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", chat.base_url.removesuffix("/v1"))
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-key")
+    monkeypatch.setenv("OPENAI_API_VERSION", "2024-06-01")
+    session = run(run_answered("return alc.llm('hi?')", "azure:my-deployment"))
+    assert session.result == "sample 1: hi?"
+    assert chat.paths == ["/openai/deployments/my-deployment/chat/completions"
+                          "?api-version=2024-06-01"]
+    assert llm.from_spec("azure:my-deployment").spec == "azure:my-deployment"
+
+
 def test_a_batch_is_answered_concurrently_in_order(chat: FakeChatServer) -> None:
     chat.delay = 1.0  # long enough that all 8 are in flight even on a loaded machine
     session = run(run_answered(BATCH_DISTINCT, llm.openai("m", base_url=chat.base_url)))
