@@ -335,8 +335,13 @@ class PoolClient:
         if auto and isinstance(event, HandshakeRejected) and isinstance(
             event.error, VersionMismatch
         ):
-            again = proto.Handshake(event.error.server)
-            event = await self._round_trip(again, _Ticket(None))
+            mismatch = event.error
+            try:
+                event = await self._round_trip(proto.Handshake(mismatch.server), _Ticket(None))
+            except (TransportError, ConnectionBroken) as exc:
+                # a worker that hangs up after a mismatch: a new connection with its
+                # version works, which is what VersionMismatch tells the caller
+                raise mismatch from exc
         if isinstance(event, HandshakeRejected):
             raise event.error
         assert isinstance(event, HandshakeAccepted)

@@ -437,6 +437,23 @@ def test_auto_version_handshakes_again_on_the_same_connection(run: Runner) -> No
     run(main())
 
 
+def test_auto_version_with_a_worker_that_hangs_up_after_a_mismatch(run: Runner) -> None:
+    def hang_up(req: dict) -> list | None:
+        if req["op"] == "handshake" and req["version"] != "0.32.0":
+            return [err(f"version mismatch: client={req['version']}, server=0.32.0"), CLOSE]
+        return None
+
+    async def main() -> None:
+        async with FakeWorker(hang_up, version="0.32.0") as w:
+            with pytest.raises(VersionMismatch, match=r"version='0\.32\.0'") as info:
+                await PoolClient.connect(w.sock_path, version="auto")
+            assert info.value.server == "0.32.0"
+            c = await PoolClient.connect(w.sock_path, version=info.value.server)
+            assert c.server_version == "0.32.0"
+            c.close()
+    run(main())
+
+
 def test_auto_version_gives_up_after_one_retry(run: Runner) -> None:
     def moving_target(req: dict) -> list | None:
         if req["op"] == "handshake":
