@@ -179,6 +179,7 @@ class FakeChatServer:
         self.outage: int | None = None
         self.requests: list[dict[str, Any]] = []
         self.paths: list[str] = []
+        self.keys: list[str | None] = []  # the API key each request carried
         self.statuses: list[int] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -258,6 +259,9 @@ def _chat_handler(server: FakeChatServer) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length))
             server.paths.append(self.path)
+            auth = self.headers.get("Authorization")
+            server.keys.append(auth.removeprefix("Bearer ") if auth else
+                               self.headers.get("api-key"))  # Azure sends api-key
             path = self.path.partition("?")[0]  # Azure: /openai/deployments/D/chat/completions
             if not path.endswith("/chat/completions"):
                 status, headers, reply = 404, {}, {"error": {"message": f"no {self.path}"}}

@@ -50,7 +50,8 @@ def chat() -> Iterator[FakeChatServer]:
 @pytest.fixture(autouse=True)
 def no_provider_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests name their endpoint; a developer's own key or URL must not leak in."""
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "POOL_NOTEBOOK_ANSWERS"):
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "POOL_NOTEBOOK_ANSWERS",
+                 "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY", "OPENAI_API_VERSION"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -104,6 +105,7 @@ def test_a_real_lua_run_answered_by_the_model(chat: FakeChatServer) -> None:
     [body] = chat.requests
     assert body["model"] == "test-model" and body["max_tokens"] == 5
     assert "temperature" not in body  # the provider's default unless one is given
+    assert chat.keys == ["not-needed"]  # a local endpoint without a key still gets a request
     assert body["messages"] == [{"role": "system", "content": "Answer with a number"},
                                 {"role": "user", "content": "What is 2 + 2?"}]
     # the provider's usage went out with the continue and reached the worker's metrics
@@ -124,7 +126,7 @@ def test_responder_string_uses_the_sdk_environment(chat: FakeChatServer,
     assert llm.from_spec("openai:llama3.1:8b") is responder  # one semaphore per kernel
     session = run(run_answered("return alc.llm('hi?')", "openai:llama3.1:8b"))
     assert session.result == "sample 1: hi?"
-    assert chat.requests[0]["model"] == "llama3.1:8b"
+    assert chat.requests[0]["model"] == "llama3.1:8b" and chat.keys == ["sk-test"]
     with pytest.raises(LLMError, match="unknown responder 'claude:x'"):
         llm.from_spec("claude:x")
     with pytest.raises(LLMError, match="OPENAI_API_VERSION"):
@@ -165,6 +167,7 @@ def test_azure_deployments_go_through_the_sdks_azure_client(
     assert session.result == "sample 1: hi?"
     assert chat.paths == ["/openai/deployments/my-deployment/chat/completions"
                           "?api-version=2024-06-01"]
+    assert chat.keys == ["azure-key"]
     assert llm.from_spec("azure:my-deployment").spec == "azure:my-deployment"
 
 
