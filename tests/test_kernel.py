@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import time
@@ -148,6 +149,23 @@ def test_background_send_while_other_cells_run(kernel: Any) -> None:
     assert results[ids[2]]["stdout"].strip() == "ok"
 
 
+def _wait_for_rows(db: Path, n: int, limit: float = 15.0) -> None:
+    """Until the history's background writer has put ``n`` rows into SQLite."""
+    import sqlite3
+
+    deadline = time.monotonic() + limit
+    count = 0
+    while time.monotonic() < deadline:
+        if db.exists():
+            with contextlib.closing(sqlite3.connect(db, timeout=5)) as con, \
+                    contextlib.suppress(sqlite3.OperationalError):  # no table yet
+                count = con.execute("SELECT count(*) FROM requests").fetchone()[0]
+        if count >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{count} of {n} history rows reached {db}")
+
+
 def test_kernel_restart_keeps_history_and_paused_session(kernel: Any, tmp_path: Path) -> None:
     km, kc = kernel
     first = _exec(kc, "%load_ext pool_notebook\nc = %pool_connect --name k\n"
@@ -156,7 +174,8 @@ def test_kernel_restart_keeps_history_and_paused_session(kernel: Any, tmp_path: 
     paused = _exec(kc, "%%pool_run\nreturn 'after restart: ' .. alc.llm('still paused?')")
     assert paused["error"] is None, paused
     sid = first["stdout"].split()[-1]
-    km.restart_kernel(now=True)
+    _wait_for_rows(Path(os.environ["POOL_NOTEBOOK_HISTORY"]), 2)  # durable within a second
+    km.restart_kernel(now=True)  # SIGKILL: only what reached SQLite survives
     kc.wait_for_ready(timeout=60)
     again = _exec(kc, f"%load_ext pool_notebook\nc = %pool_connect --sid {sid} --name k2\n"
                       "st = %pool_status\n"
