@@ -7,17 +7,16 @@ local alc = {}
 
 -- Host functions answer (true, results...) or (false, message): the message becomes a
 -- Lua error at the caller's line (no Python exception object ever reaches Lua).
+local function guard(f)
+  return function(...)
+    local r = table.pack(f(...))
+    if not r[1] then error(r[2], 2) end
+    return table.unpack(r, 2, r.n)
+  end
+end
 local host = {}
 for name, f in pairs(raw_host) do
-  if type(f) == "userdata" then
-    host[name] = function(...)
-      local r = table.pack(f(...))
-      if not r[1] then error(r[2], 2) end
-      return table.unpack(r, 2, r.n)
-    end
-  else
-    host[name] = f
-  end
+  host[name] = type(f) == "userdata" and guard(f) or f
 end
 
 -- JSON null: one read-only sentinel per runtime (algocline hands Lua mlua's null).
@@ -73,9 +72,9 @@ for _, name in ipairs({ "create", "get", "list", "append", "get_by_alias", "alia
   alc.card[name] = function(...) return f(name, ...) end
 end
 
--- alc.math: mlua-mathlib's functions; RNG handles are opaque tables.
+-- alc.math: mlua-mathlib's functions, bound on first use (a session pays only for
+-- what it calls); RNG handles are opaque tables.
 do
-  local math_ = {}
   local rng_mt = { __name = "LuaRng", __metatable = "LuaRng",
                    __tostring = function() return "LuaRng" end }
   local handles = setmetatable({}, { __mode = "k" })
@@ -87,41 +86,46 @@ do
     end
     return id
   end
-  for _, name in ipairs(host.math_names()) do
+  local takes_rng = { shuffle = true, sample_with_replacement = true }
+  local function bind(name)
     local f = host.math_fn(name)
+    if f == nil then return nil end
+    f = guard(f)
     if name == "rng_create" then
-      math_[name] = function(seed)
+      return function(seed)
         local handle = setmetatable({}, rng_mt)
         handles[handle] = f(seed)
         return handle
       end
-    elseif name:match("^rng_") or name:match("_sample$") or name == "shuffle"
-        or name == "sample_with_replacement" then
-      math_[name] = function(rng, ...) return f(rng_id(rng, name), ...) end
-    else
-      math_[name] = f
+    elseif name == "shuffle" then
+      -- in place on the caller's table, as mlua-mathlib's shuffle
+      return function(rng, tbl)
+        if type(tbl) ~= "table" then error("alc.math.shuffle: expected a table", 2) end
+        local order = f(rng_id(rng, name), #tbl)
+        local copy = {}
+        for i = 1, #tbl do copy[i] = tbl[i] end
+        for i, j in ipairs(order) do tbl[i] = copy[j] end
+        return tbl
+      end
+    elseif name == "sample_with_replacement" then
+      return function(rng, tbl, n)
+        if type(tbl) ~= "table" or #tbl == 0 then
+          error("alc.math.sample_with_replacement: tbl must be a non-empty array", 2)
+        end
+        local out = {}
+        for i, j in ipairs(f(rng_id(rng, name), #tbl, n)) do out[i] = tbl[j] end
+        return out
+      end
+    elseif name:match("^rng_") or name:match("_sample$") or takes_rng[name] then
+      return function(rng, ...) return f(rng_id(rng, name), ...) end
     end
+    return f
   end
-  -- shuffle works in place on the caller's table, as mlua-mathlib's does.
-  local shuffled = math_.shuffle
-  math_.shuffle = function(rng, tbl)
-    if type(tbl) ~= "table" then error("alc.math.shuffle: expected a table", 2) end
-    local order = shuffled(rng, #tbl)
-    local copy = {}
-    for i = 1, #tbl do copy[i] = tbl[i] end
-    for i, j in ipairs(order) do tbl[i] = copy[j] end
-    return tbl
-  end
-  local with_replacement = math_.sample_with_replacement
-  math_.sample_with_replacement = function(rng, tbl, n)
-    if type(tbl) ~= "table" or #tbl == 0 then
-      error("alc.math.sample_with_replacement: tbl must be a non-empty array", 2)
-    end
-    local out = {}
-    for i, j in ipairs(with_replacement(rng, #tbl, n)) do out[i] = tbl[j] end
-    return out
-  end
-  alc.math = math_
+  alc.math = setmetatable({}, { __index = function(t, name)
+    local fn = type(name) == "string" and bind(name) or nil
+    if fn ~= nil then rawset(t, name, fn) end
+    return fn
+  end })
 end
 
 -- ------------------------------------------------------------------ budget

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from itertools import permutations as _permutations
 from typing import Any
 
@@ -81,13 +81,11 @@ def _ranks(data: list[float]) -> list[float]:
 class MathLib:
     """The ``alc.math`` table for one session (it owns that session's RNGs)."""
 
+    #: The names of the ``alc.math`` functions (filled in below the class).
+    NAMES: frozenset[str] = frozenset()
+
     def __init__(self) -> None:
         self._rngs: dict[int, np.random.Generator] = {}
-
-    def functions(self) -> dict[str, Callable[..., Any]]:
-        """Every ``alc.math`` function by name."""
-        return {name: getattr(self, name) for name in dir(self)
-                if not name.startswith("_") and name != "functions"}
 
     # ------------------------------------------------------------------ RNG
 
@@ -492,3 +490,7 @@ class MathLib:
         if int(n) != n or not 0 <= n <= 10:
             raise MathError(f"alc.math.permutations: n must be an integer in 0..10, got {n}")
         return [list(p) for p in _permutations(range(1, int(n) + 1))]
+
+
+MathLib.NAMES = frozenset(name for name, value in vars(MathLib).items()
+                          if callable(value) and not name.startswith("_"))

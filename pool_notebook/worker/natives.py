@@ -88,7 +88,6 @@ class _Bridge:
         self.state = StateStore(root / "state")
         self.cards = CardStore(root / "cards")
         self.math = MathLib()
-        self.math_functions = self.math.functions()
         self.stats: dict[str, Any] = {}
         self.null: Any = getattr(session, "null", None)
 
@@ -278,12 +277,15 @@ class _Bridge:
         else:
             self.emit("info", f"progress {int(step)}/{int(total)}" + (f": {text}" if text else ""))
 
-    def math_fn(self, name: str) -> Callable[..., Any]:
-        fn = self.math_functions[name]
+    def math_fn(self, name: Any) -> Callable[..., Any] | None:
+        """The guarded ``alc.math.<name>``, or None when mlua-mathlib has no such name."""
+        if name not in MathLib.NAMES:
+            return None
+        fn = getattr(self.math, name)
 
         def call(*args: Any) -> Any:
             return self.lua(fn(*(self.py(a) for a in args)))
-        return call
+        return _guarded(f"alc.math.{name}", call)
 
     def chunk(self, text: Any, opts: Any = None) -> Any:
         o = self.py(opts)
@@ -326,7 +328,6 @@ class _Bridge:
             "match_bool": lambda text: textops.match_bool(_text(text, "alc.match_bool", "text")),
             "time": time.time,
             "dirs": lambda: self.lua(self.dirs),
-            "math_names": lambda: self.lua(sorted(self.math_functions)),
             "math_fn": self.math_fn,
         }
 
