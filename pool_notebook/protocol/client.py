@@ -291,8 +291,8 @@ class ClientConnection:
         ``IDLE``. Bytes received while nothing was owed make this raise
         ``UnsolicitedResponse`` (or ``ConnectionClosed`` after EOF) instead.
         """
-        is_handshake = isinstance(request, Handshake)
-        move = Input.SEND_HANDSHAKE if is_handshake else Input.SEND
+        expected_version = request.version if isinstance(request, Handshake) else None
+        move = Input.SEND if expected_version is None else Input.SEND_HANDSHAKE
         row = TRANSITIONS[self.state]
         if move not in row:
             self.check_usable()
@@ -301,10 +301,7 @@ class ClientConnection:
         if self._eof or self._received:
             self._check_quiet()
         self.state = row[move]
-        self._exchange = _Exchange(
-            request, len(line), line, context,
-            request.version if isinstance(request, Handshake) else None,
-        )
+        self._exchange = _Exchange(request, len(line), line, context, expected_version)
         return line
 
     def _check_quiet(self) -> None:
@@ -356,7 +353,7 @@ class ClientConnection:
 
     def receive_data(self, data: bytes) -> None:
         """Bytes read from the socket; ``b""`` means EOF."""
-        if self.state in (State.BROKEN, State.CLOSED):
+        if self.state in _UNUSABLE:
             return  # nothing more can be trusted or wanted
         if data:
             self._buffer.feed(data)

@@ -485,12 +485,18 @@ def _feed_result(obj: Any) -> FeedResult:
     raise ValueError(f"unknown feed_result tag {tag!r}")
 
 
+_HANDSHAKE_KEYS = frozenset({"kind", "version"})
+_FEED_KEYS = frozenset({"kind", "session_id", "feed_result"})
+_STATUS_KEYS = frozenset({"kind", "has_session", "session_id"})
+_KIND_KEY = frozenset({"kind"})
+
+
 def _data(obj: Mapping[str, Any]) -> ResponseData:
     kind = obj.get("kind")
     if kind == "handshake":
         if not isinstance(obj.get("version"), str):
             raise ValueError("handshake data needs a string 'version'")
-        return HandshakeData(obj["version"], _extra(obj, frozenset({"kind", "version"})))
+        return HandshakeData(obj["version"], _extra(obj, _HANDSHAKE_KEYS))
     if kind == "feed":
         sid = obj.get("session_id")
         if not isinstance(sid, str):
@@ -498,17 +504,17 @@ def _data(obj: Mapping[str, Any]) -> ResponseData:
         return FeedData(
             sid,
             _feed_result(obj.get("feed_result")),
-            _extra(obj, frozenset({"kind", "session_id", "feed_result"})),
+            _extra(obj, _FEED_KEYS),
         )
     if kind == "status":
         sid = obj.get("session_id")
         return StatusData(
             bool(obj.get("has_session", False)),
             sid if isinstance(sid, str) else None,
-            _extra(obj, frozenset({"kind", "has_session", "session_id"})),
+            _extra(obj, _STATUS_KEYS),
         )
     if kind == "shutdown":
-        return ShutdownData(_extra(obj, frozenset({"kind"})))
+        return ShutdownData(_extra(obj, _KIND_KEY))
     return UnknownData(str(kind), obj)
 
 
