@@ -324,6 +324,7 @@ class Connection:
         return await self.send(proto.Shutdown(), timeout=timeout)
 
     def close(self) -> None:
+        """Close the socket; the worker exits unless it holds a paused session."""
         self.client.close()
 
     def __repr__(self) -> str:

@@ -127,18 +127,14 @@ class Session:
     def last(self) -> Reply:
         return self.steps[-1]
 
-    def _latest_feed(self) -> tuple[int, proto.FeedResult | None]:
-        for i in range(len(self.steps) - 1, -1, -1):
-            feed = self.steps[i].feed
-            if feed is not None:
-                return i, feed
-        return -1, None
+    def _latest_feed(self) -> proto.FeedResult | None:
+        return next((r.feed for r in reversed(self.steps) if r.feed is not None), None)
 
     @property
     def state(self) -> SessionState:
         if self._in_flight:
             return SessionState.RUNNING
-        _, feed = self._latest_feed()
+        feed = self._latest_feed()
         if isinstance(feed, proto.Finished):
             return SessionState(feed.state)
         if feed is None:  # the run itself was rejected
@@ -177,7 +173,7 @@ class Session:
         return sum(isinstance(r.feed, proto.Paused) for r in self.steps)
 
     def _finished(self) -> proto.Finished | None:
-        feed = self._latest_feed()[1]
+        feed = self._latest_feed()
         return feed if isinstance(feed, proto.Finished) else None
 
     @property
