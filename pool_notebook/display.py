@@ -40,7 +40,10 @@ __all__ = [
     "register_formatters",
     "reply_html",
     "reply_text",
+    "responder_label",
     "session_html",
+    "session_log",
+    "session_progress",
     "session_text",
     "widgets_enabled",
 ]
@@ -343,8 +346,55 @@ def _session_head(session: Session, word: str) -> str:
             f"<code>{html.escape(str(session.id))}</code> · {_badge(word)}")
 
 
+#: Keys the worker adds for a session's progress and log (reply extras and final metrics).
+_PROGRESS, _LOGS = "progress", "recent_logs"
+_SHOWN_APART = frozenset({"conversation_history", _PROGRESS, _LOGS})
+
+
+def _extras(reply: Reply) -> Mapping[str, Any]:
+    data = reply.response.data if reply.response is not None else None
+    extra = getattr(data, "extra", None)
+    return extra if isinstance(extra, Mapping) else {}
+
+
+def session_progress(session: Session) -> tuple[int, int, str] | None:
+    """The latest ``alc.progress(step, total, message)`` the worker reported, if any."""
+    for source in (session.metrics, *(_extras(r) for r in reversed(session.steps))):
+        found = source.get(_PROGRESS)
+        if isinstance(found, Mapping) and isinstance(found.get("total"), int):
+            return (int(found.get("step") or 0), found["total"],
+                    str(found.get("message") or ""))
+    return None
+
+
+def session_log(session: Session) -> list[str]:
+    """Log lines the worker sent with the session's replies (``alc.log``, ``print``)."""
+    entries = [e for r in session.steps for e in _extras(r).get(_LOGS) or ()]
+    if not entries:
+        entries = list(session.metrics.get(_LOGS) or ())
+    return [f"[{e.get('level', 'info')}] {e.get('message', '')}" if isinstance(e, Mapping)
+            else str(e) for e in entries]
+
+
+def _activity_html(session: Session) -> str:
+    """Progress bar and log of the session, when the worker reports them."""
+    parts = []
+    progress = session_progress(session)
+    if progress is not None:
+        step, total, message = progress
+        parts.append(f"<div class='pool-progress'><progress value='{step}' max='{total}'>"
+                     f"</progress> {step}/{total} {html.escape(message)}</div>")
+    log = session_log(session)
+    if log:
+        opened = " open" if str(session.state) == "failed" else ""
+        parts.append(f"<details class='pool-log'{opened}><summary>log ({len(log)})</summary>"
+                     f"<pre style='white-space:pre-wrap;margin:0'>"
+                     f"{html.escape(chr(10).join(log))}</pre></details>")
+    return "".join(parts)
+
+
 def _session_outcome_html(session: Session, first_line: int) -> str:
-    """Result, error or pending count, then metrics and conversation history."""
+    """Result or error, progress and log, then metrics and conversation history."""
     word = str(session.state)
     parts = []
     if word == "failed":
@@ -357,8 +407,9 @@ def _session_outcome_html(session: Session, first_line: int) -> str:
                          f"white-space:pre-wrap'>{html.escape(error)}</div>")
     elif word == "completed":
         parts.append(f"<div class='pool-result'>{_tree(session.result)}</div>")
+    parts.append(_activity_html(session))
     if session.metrics:
-        metrics = {k: v for k, v in session.metrics.items() if k != "conversation_history"}
+        metrics = {k: v for k, v in session.metrics.items() if k not in _SHOWN_APART}
         parts.append(f"<details><summary>metrics</summary>{_tree(metrics)}</details>")
     history = _conversation(session.metrics)
     if history:
@@ -396,6 +447,10 @@ def session_text(session: Session, *, first_line: int = 1) -> str:
                    if isinstance(session.last.feed, proto.Finished) else error)
     elif word == "completed":
         out.append(json.dumps(session.result, ensure_ascii=False, default=str))
+    progress = session_progress(session)
+    if progress is not None:
+        out.append(f"  progress {progress[0]}/{progress[1]} {progress[2]}".rstrip())
+    out.extend(f"  log {line}" for line in session_log(session)[-5:])
     out.extend(f"  pending {q.id}: {q.prompt}" for q in session.pending)
     return "\n".join(out)
 
@@ -498,7 +553,7 @@ class SessionView:
         self._rows = {q.id: self._rows.get(q.id) or self._row(q) for q in pending}
         self._box.children = [
             widgets.HBox(head), *(row.box for row in self._rows.values()),
-            widgets.HTML(_transcript_html(session) + "".join(
+            widgets.HTML(_activity_html(session) + _transcript_html(session) + "".join(
                 f"<div class='pool-view-error' style='color:{_RED}'>{html.escape(e)}</div>"
                 for e in self.errors))]
 

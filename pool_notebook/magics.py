@@ -29,7 +29,13 @@ from . import errors
 from . import protocol as proto
 from ._version import PROTOCOL_VERSION
 from .connections import Connection, Reply, manager, parse_request
-from .display import SessionView, history_figure, register_formatters, widgets_enabled
+from .display import (
+    SessionView,
+    history_figure,
+    register_formatters,
+    session_progress,
+    widgets_enabled,
+)
 from .history import summary
 from .loop import runner
 from .registry import Registry
@@ -438,22 +444,20 @@ class _Progress:
         else:
             self.handle.update(text)
 
-    @staticmethod
-    def _pauses(session: Session) -> int:
-        return sum(isinstance(r.feed, proto.Paused) for r in session.steps)
-
     def step(self, session: Session) -> None:
         """Observer of the session: every step, once ``after`` seconds have passed."""
         elapsed = time.monotonic() - self.start
         pending = len(session.pending)
         if elapsed >= self.after and pending:
-            self._show(f"{self.name}: session {session.id} - pause {self._pauses(session)}, "
+            worker = session_progress(session)
+            said = f"; {worker[0]}/{worker[1]} {worker[2]}".rstrip() if worker else ""
+            self._show(f"{self.name}: session {session.id} - pause {session.pauses}, "
                        f"answering {pending} quer{'y' if pending == 1 else 'ies'} "
-                       f"({elapsed:.1f} s)")
+                       f"({elapsed:.1f} s){said}")
 
     def done(self, session: Session) -> None:
         if self.handle is not None:
-            self._show(f"{self.name}: {session.state}, {self._pauses(session)} pauses "
+            self._show(f"{self.name}: {session.state}, {session.pauses} pauses "
                        f"answered in {time.monotonic() - self.start:.1f} s")
 
 

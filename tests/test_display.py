@@ -228,3 +228,49 @@ def test_status_conversation_history_in_algoclines_shape() -> None:
     assert page.count("first?") == 1  # the list is shown once, as the table
     assert "has_session" in page
     assert '"conversation_history"' in reply_text(reply)
+
+
+def test_progress_and_log_of_a_session_are_shown() -> None:
+    """Progress and log lines the worker sends with its replies (extra keys on the feed
+    replies, and the final metrics), rendered in the session view and its text."""
+    from pool_notebook.connections import ConnectionManager
+    from pool_notebook.display import session_html, session_log, session_progress, session_text
+    from pool_notebook.history import History
+    from tests.fakes import FakeWorker, ok
+
+    def script(req: dict[str, Any]) -> list[Any] | None:
+        if req["op"] == "run":
+            paused = {"Paused": {"queries": [{"id": "q-0", "prompt": "go on?", "system": None,
+                                              "max_tokens": 1024}]}}
+            return [ok({"kind": "feed", "session_id": "s-1", "feed_result": paused,
+                        "progress": {"step": 1, "total": 4, "message": "reading"},
+                        "recent_logs": [{"level": "info", "message": "started <now>"}]})]
+        if req["op"] == "continue":
+            failed = {"Finished": {"state": {"Failed": {"error": "run:3: gave up"}},
+                                   "metrics": {"auto": {"llm_calls": 1},
+                                               "progress": {"step": 3, "total": 4,
+                                                            "message": "judging"}}}}
+            return [ok({"kind": "feed", "session_id": "s-1", "feed_result": failed,
+                        "recent_logs": [{"level": "warn", "message": "low score"}]})]
+        return None
+
+    async def main() -> tuple[str, str, str, Any, list[str]]:
+        async with FakeWorker(script) as worker:
+            manager = ConnectionManager(History(None))
+            conn = await manager.connect(worker.sock_path)
+            session = await conn.run("local a = 1\nlocal b = alc.llm('go on?')\nerror('gave up')")
+            paused = session_html(session)
+            await session.answer("yes")
+            manager.close_all()
+            return paused, session_html(session), session_text(session), \
+                session_progress(session), session_log(session)
+
+    paused, failed, text, progress, log = run(main())
+    assert "<progress value='1' max='4'>" in paused and "1/4 reading" in paused
+    assert "started &lt;now&gt;" in paused and "<details class='pool-log'>" in paused
+    assert progress == (3, 4, "judging")  # the final metrics are the latest word
+    assert log == ["[info] started <now>", "[warn] low score"]
+    assert "<details class='pool-log' open>" in failed  # a failed run shows its log
+    assert failed.index("gave up") < failed.index("pool-progress")  # the error first
+    assert "<b>llm_calls</b>" in failed and "<b>progress</b>" not in failed  # not twice
+    assert "  progress 3/4 judging" in text and "  log [warn] low score" in text
