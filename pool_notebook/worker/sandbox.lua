@@ -88,7 +88,9 @@ end
 local function device_file(path, f)
   local device = {}
   function device.read(_, ...)
-    for i = 1, select("#", ...) do
+    local count = select("#", ...)
+    if count == 0 then error(sformat("read: %s needs a byte count", path), 2) end
+    for i = 1, count do
       local n = select(i, ...)
       if math_type(n) ~= "integer" or n < 0 or n > 65536 then
         error(sformat("read: %s can be read by byte count (0..65536) only", path), 2)
