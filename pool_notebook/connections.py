@@ -189,7 +189,7 @@ class Connection:
 
     def _record(self, request: proto.Request, sent_ns: int, latency_ms: float,
                 outcome: Outcome, response: proto.Response | None,
-                error: BaseException | None) -> int:
+                error: BaseException | None, replayed: bool | None) -> int:
         data = response.data if response else None
         sid = data.session_id if isinstance(data, (proto.FeedData, proto.StatusData)) else None
         if sid is None and isinstance(request, proto.Continue):
@@ -206,15 +206,16 @@ class Connection:
             request_bytes=response.request_size if response else _request_size(request),
             response_bytes=response.size if response else 0,
             feed_state=feed.state if feed is not None else None,
-            counts=_counts(request, response),
+            counts=_counts(request, response), replayed=replayed,
         )
 
     async def send(self, request: proto.Request | str | dict[str, Any], *,
-                   timeout: float | None = None) -> Reply:
+                   timeout: float | None = None, replayed: bool | None = None) -> Reply:
         """Send one request; worker errors come back as a Reply, client errors raise.
 
         Either way the request is recorded once in the history; a reply that
         arrives after a timeout or cancellation updates that request's row.
+        ``replayed`` goes to the row (responder answers: was it a replay?).
         """
         if isinstance(request, str):
             request = parse_request(request)
@@ -226,20 +227,20 @@ class Connection:
         try:
             response = await self.client.send_request(request, timeout=timeout, token=ticket)
         except asyncio.CancelledError as exc:
-            self._gave_up(ticket, request, sent_ns, start, Outcome.CANCELLED, exc)
+            self._gave_up(ticket, request, sent_ns, start, Outcome.CANCELLED, exc, replayed)
             raise
         except PoolError as exc:
             outcome = Outcome.TIMEOUT if isinstance(exc, RequestTimeout) else Outcome.CLIENT_ERROR
-            self._gave_up(ticket, request, sent_ns, start, outcome, exc)
+            self._gave_up(ticket, request, sent_ns, start, outcome, exc, replayed)
             raise
         latency = _ms(start)
         outcome = _OK if response.ok else _WORKER_ERROR
-        seq = self._record(request, sent_ns, latency, outcome, response, None)
+        seq = self._record(request, sent_ns, latency, outcome, response, None, replayed)
         return Reply(self.name, request, seq, outcome, latency, response)
 
     def _gave_up(self, ticket: _Ticket, request: proto.Request, sent_ns: int, start: float,
-                 outcome: Outcome, error: BaseException) -> None:
-        ticket.seq = self._record(request, sent_ns, _ms(start), outcome, None, error)
+                 outcome: Outcome, error: BaseException, replayed: bool | None) -> None:
+        ticket.seq = self._record(request, sent_ns, _ms(start), outcome, None, error, replayed)
         if ticket.late is not None:  # the reply came in before the row existed
             self._late(ticket.late)
 
@@ -266,9 +267,10 @@ class Connection:
         return await self.send(proto.Status(include_history), timeout=timeout)
 
     async def continue_(self, sid: str, response: str, *, query_id: str | None = None,
-                        usage: Mapping[str, Any] | None = None,
-                        timeout: float | None = None) -> Reply:
-        return await self.send(proto.Continue(sid, response, query_id, usage), timeout=timeout)
+                        usage: Mapping[str, Any] | None = None, timeout: float | None = None,
+                        replayed: bool | None = None) -> Reply:
+        return await self.send(proto.Continue(sid, response, query_id, usage), timeout=timeout,
+                               replayed=replayed)
 
     async def run(self, code: str, *, ctx: Any = None, lib_paths: Sequence[str] = (),
                   respond: Responder | PauseResponder | str | None = None,

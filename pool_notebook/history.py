@@ -107,23 +107,30 @@ def counts_from_metrics(metrics: Mapping[str, Any] | None) -> Counts | None:
 
 
 _INT_COLUMNS = ("seq", "worker_pid", "sent_ns", "request_bytes", "response_bytes",
-                *_COUNT_COLUMNS)
-#: The string fields of a row, stored together as one interned "row key".
+                *_COUNT_COLUMNS, "replayed")
+#: The string fields of a row, stored together (with ``replayed``) as one interned "row key".
 _KEY_COLUMNS = ("connection", "socket", "worker_version", "op", "session_id", "query_id",
                 "outcome", "error_type", "error_message", "feed_state")
+_REPLAYED = len(_KEY_COLUMNS)  # the row key's last field: True/False/None
 _CAT_COLUMNS = ("kernel_session", *_KEY_COLUMNS)
 #: Column order of the DataFrame and of the SQLite table.
 COLUMNS = ("seq", "kernel_session", "connection", "socket", "worker_pid", "worker_version", "op",
            "session_id", "query_id", "sent_at", "latency_ms", "outcome", "error_type",
-           "error_message", "request_bytes", "response_bytes", "feed_state", *_COUNT_COLUMNS)
+           "error_message", "request_bytes", "response_bytes", "feed_state", *_COUNT_COLUMNS,
+           "replayed")
 _SQL_COLUMNS = tuple("sent_ns" if c == "sent_at" else c for c in COLUMNS)
 _RESULT_FIELDS = tuple(_KEY_COLUMNS.index(c) for c in
                        ("outcome", "feed_state", "error_type", "error_message"))
 
-_RowKey = tuple[str | None, ...]
+_RowKey = tuple[str | bool | None, ...]
 
 #: Seconds between background writes (a row reaches SQLite within about this long).
 WRITE_INTERVAL = 0.5
+
+
+def _plain(value: str | bool | None) -> str | bool | None:
+    """A row-key field as SQLite and pandas want it: enums as their plain string value."""
+    return str(value) if isinstance(value, str) else value
 
 
 def _nullable(column: tuple[int, ...]) -> Iterable[int | None]:
@@ -213,10 +220,15 @@ class History:
         response_bytes: int = 0,
         feed_state: str | None = None,
         counts: Counts | None = None,
+        replayed: bool | None = None,
     ) -> int:
-        """Append one request's row; returns its sequence number (its row index)."""
+        """Append one request's row; returns its sequence number (its row index).
+
+        ``replayed``: for a ``continue`` answered by a responder, whether its answer
+        came from a replay cache (None when a person typed it).
+        """
         key = (connection, socket, worker_version, op, session_id, query_id, outcome,
-               error_type, error_message, feed_state)
+               error_type, error_message, feed_state, replayed)
         kid = self._key_ids.get(key)
         if kid is None:
             kid = self._intern(key)
@@ -252,8 +264,8 @@ class History:
     def row(self, seq: int) -> dict[str, Any]:
         """One row as a dict (for display, SQLite and tests); missing counts are None."""
         key = self._keys[self._kid[seq]]
-        out: dict[str, Any] = {name: None if value is None else str(value)
-                               for name, value in zip(_KEY_COLUMNS, key, strict=True)}
+        out: dict[str, Any] = dict(zip(_KEY_COLUMNS, map(_plain, key), strict=False))
+        out["replayed"] = key[_REPLAYED]
         out.update(seq=seq, kernel_session=self.kernel_session, worker_pid=self._pid[seq],
                    sent_ns=self._sent[seq], request_bytes=self._req[seq],
                    response_bytes=self._resp[seq], latency_ms=self._latency[seq])
@@ -304,6 +316,8 @@ class History:
             codes = per_key[kids] if len(per_key) else np.zeros(0, dtype=np.int64)
             data[name] = pd.Categorical.from_codes(codes, categories=pd.Index(categories),
                                                    validate=False)
+        replayed = np.array([key[_REPLAYED] for key in self._keys], dtype=object)
+        data["replayed"] = pd.array(replayed[kids] if len(replayed) else [], dtype="boolean")
         frame: pd.DataFrame = pd.DataFrame(data, columns=list(COLUMNS))
         return frame
 
@@ -324,6 +338,7 @@ class History:
             df[name] = df[name].astype("category")
         for name in _COUNT_COLUMNS:
             df[name] = df[name].astype("Int64")
+        df["replayed"] = df["replayed"].astype("boolean")
         df["latency_ms"] = df["latency_ms"].astype("float64")
         ordered: pd.DataFrame = df[list(COLUMNS)]
         return ordered
@@ -364,19 +379,19 @@ class History:
             self._dirty.clear()
             rows = [tuple(row[c] for c in _SQL_COLUMNS) for row in map(self.row, updated)]
             for key in self._keys[len(self._plain_keys):]:
-                self._plain_keys.append(tuple(None if v is None else str(v) for v in key))
+                self._plain_keys.append(tuple(map(_plain, key)))
             columns = list(zip(*map(self._plain_keys.__getitem__, self._kid[lo:n]),
                                strict=True))
             if not columns:
                 return n, rows
             (conn, sock, version, op, session, query, outcome, error_type, error_message,
-             feed) = columns
+             feed, replayed) = columns
             counts = list(zip(*map(self._counts.get, range(lo, n), repeat(_NO_COUNTS, n - lo)),
                               strict=True))
             new = zip(range(lo, n), repeat(self.kernel_session), conn, sock, self._pid[lo:n],
                       version, op, session, query, self._sent[lo:n], self._latency[lo:n],
                       outcome, error_type, error_message, self._req[lo:n], self._resp[lo:n],
-                      feed, *map(_nullable, counts), strict=False)
+                      feed, *map(_nullable, counts), replayed, strict=False)
         rows.extend(new)
         return n, rows
 

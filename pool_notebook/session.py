@@ -232,7 +232,9 @@ class Session:
 
         Raises ``SessionNotPaused`` if that query is not waiting, ``WorkerError`` if
         the worker rejects the answer (that reply is still added to ``steps``).
+        An ``Answer`` (a responder's) marks its history row replayed or not; a str does not.
         """
+        replayed = response.replayed if isinstance(response, Answer) else None
         if isinstance(response, str):
             response = Answer(response)
         elif not isinstance(response, Answer):
@@ -248,7 +250,8 @@ class Session:
         self._notify()
         try:
             reply = await self.connection.continue_(sid, response.text, query_id=query.id,
-                                                    usage=usage, timeout=timeout)
+                                                    usage=usage, timeout=timeout,
+                                                    replayed=replayed)
             self.answers[len(self.steps)] = response
             self.steps.append(reply)
         finally:

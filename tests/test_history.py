@@ -30,10 +30,11 @@ _clock = iter(range(1_700_000_000_000_000_000, 1_800_000_000_000_000_000, 1000))
 
 
 def _add(h: History, op: str = "status", outcome: Outcome = Outcome.OK, latency: float = 1.0,
-         counts: Counts | None = None) -> int:
+         counts: Counts | None = None, replayed: bool | None = None) -> int:
     return h.record(connection="w0", socket="/s.sock", worker_pid=42, worker_version="0.1.0",
                     op=op, session_id="s-1", sent_ns=next(_clock), latency_ms=latency,
-                    outcome=outcome, request_bytes=16, response_bytes=100, counts=counts)
+                    outcome=outcome, request_bytes=16, response_bytes=100, counts=counts,
+                    replayed=replayed)
 
 
 def _sql_rows(path: Path) -> list[tuple[Any, ...]]:
@@ -93,6 +94,18 @@ def test_counts_from_both_metrics_shapes_and_usage() -> None:
     assert h.row(0)["prompt_tokens"] == 40 and h.row(1)["rounds"] is None
 
 
+def test_replayed_answers_are_marked_in_memory_and_in_sqlite(tmp_path: Path) -> None:
+    h = History(tmp_path / "h.sqlite", kernel_session="k")
+    _add(h, "continue", replayed=True)
+    _add(h, "continue", replayed=False)
+    _add(h, "continue")  # typed by a person
+    for df in (h.frame(), h.frame(all_sessions=True)):
+        assert str(df["replayed"].dtype) == "boolean"
+        assert df["replayed"].tolist() == [True, False, pd.NA]
+    assert [h.row(i)["replayed"] for i in range(3)] == [True, False, None]
+    h.close()
+
+
 def test_late_reply_updates_the_same_row(tmp_path: Path) -> None:
     h = History(tmp_path / "h.sqlite", kernel_session="k1")
     seq = _add(h, "run", Outcome.TIMEOUT, 50.0)
@@ -137,7 +150,7 @@ def test_file_from_an_older_version_gains_the_new_columns(tmp_path: Path) -> Non
     _add(h, "run", counts=Counts(2, 1, 10, 5))
     df = h.frame(all_sessions=True)
     assert df["kernel_session"].tolist() == ["old", "new"]
-    assert df["llm_calls"].tolist() == [pd.NA, 2]
+    assert df["llm_calls"].tolist() == [pd.NA, 2] and df["replayed"].isna().all()
     h.close()
 
 

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from pool_notebook import protocol as proto
@@ -80,6 +81,8 @@ def test_answers_in_any_order_with_observers(run: Callable[[Any], Any]) -> None:
         df = conn.history.frame()
         row = df[df["query_id"] == ids[2]].iloc[0]
         assert row["prompt_tokens"] == 4 and row["completion_tokens"] == 1
+        typed = df[df["op"] == "continue"]["replayed"].tolist()
+        assert typed == [pd.NA, False, pd.NA]  # strings were typed; an Answer was not replayed
         last = df.iloc[-1]  # the request that finished the session carries its metrics
         assert last["feed_state"] == "completed" and last["llm_calls"] == 3
 
@@ -233,6 +236,10 @@ def test_ask_tells_a_pause_aware_responder_its_pause() -> None:
         assert recorder.calls == [("first?", 0, (first_id,)),
                                   ("second first?", 1, (session.steps[1].feed.queries[0].id,))]
         assert [session.answers[i].replayed for i in sorted(session.answers)] == [True, True]
+        await (await conn.run(TWO_ROUNDS)).answer_all(lambda q: "typed")  # plain strings
+        rows = conn.history.frame()
+        continues = rows[rows["op"] == "continue"]["replayed"].tolist()
+        assert continues == [True, True, False, False]  # a responder's answers: marked
         with pytest.raises(SessionNotPaused):
             await session.ask(recorder)
         batch = await conn.run(THREE, respond=Recorder())
