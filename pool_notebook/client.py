@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import socket
 import sys
 import time
@@ -139,6 +140,8 @@ class PoolClient:
     ) -> None:
         self._sock = sock
         self._fd = sock.fileno()
+        self._readable = select.poll()  # a cheap "anything there?" before each send
+        self._readable.register(self._fd, select.POLLIN)
         self._loop = asyncio.get_running_loop()
         self._conn = ClientConnection(max_line_bytes)
         self._spin = spin_seconds
@@ -446,8 +449,14 @@ class PoolClient:
         return True
 
     def _poll(self) -> None:
-        """Before sending: take in anything that arrived unasked (or EOF), so it is seen."""
-        if self._recv() and isinstance(self._conn.next_event(), ConnectionEnded):
+        """Before sending: take in anything that arrived unasked (or EOF), so it is seen.
+
+        ``poll(0)`` first: usually nothing is there, and a failing ``recv`` costs
+        three times as much (the exception).
+        """
+        if self._readable.poll(0) and self._recv() and isinstance(
+            self._conn.next_event(), ConnectionEnded
+        ):
             self._conn.check_usable()
 
     async def _wait_fd(self, *, writable: bool) -> None:
