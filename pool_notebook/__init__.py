@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from IPython.core.interactiveshell import InteractiveShell
 
+    from . import llm
     from .client import LateReply, PoolClient
     from .connections import Connection, ConnectionManager, ConnectionState, Reply
     from .errors import *  # noqa: F403
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "LateReply": "client", "PoolClient": "client",
     "Connection": "connections", "ConnectionState": "connections", "Reply": "connections",
-    "Outcome": "history", "history": "history",
+    "Outcome": "history", "history": "history", "llm": "llm",
     "Answer": "session", "Session": "session", "SessionState": "session",
     "resolve_responder": "session",
     "Registry": "registry", "WorkerEntry": "registry",
@@ -72,7 +73,7 @@ __all__ = [
     "Outcome", "Paused", "PoolClient", "Query", "RawRequest", "Registry", "Reply", "Response",
     "Run", "Session", "SessionState", "Shutdown", "Status", "StatusData", "WorkerEntry",
     "WorkerProcess", "__version__", "connect", "connection", "disconnect", "history",
-    "load_ipython_extension", "resolve_responder", "spawn_and_connect", "spawn_worker",
+    "llm", "load_ipython_extension", "resolve_responder", "spawn_and_connect", "spawn_worker",
     "unload_ipython_extension",
 ]
 __all__ += _errors.__all__
@@ -85,7 +86,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'pool_notebook' has no attribute {name!r}")
     loaded = importlib.import_module(f".{module}", __name__)
-    value = loaded if name == module else getattr(loaded, name)  # history: a callable module
+    value = loaded if name == module else getattr(loaded, name)  # history, llm: modules
     globals()[name] = value
     return value
 
