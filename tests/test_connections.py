@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -177,6 +178,24 @@ def test_a_spawned_one_session_worker_is_replaced_for_the_next_run() -> None:
         assert rows["outcome"].tolist() == ["ok", "worker_error", "ok"]
         proc = next(p for p in spawn._children if p.pid == old.pid)
         assert proc.wait(10) == 0  # the old worker was shut down, not left behind
+        await conn.shutdown()
+        manager.close_all()
+
+    asyncio.run(main())
+
+
+def test_respawn_replaces_the_bundled_worker_and_leaves_no_files_behind() -> None:
+    async def main() -> None:
+        manager = ConnectionManager(History(None))
+        conn = await manager.connect()
+        old = conn.worker
+        assert old is not None and os.path.exists(old.log_path)
+        await conn.respawn()
+        assert conn.worker is not None and conn.worker.pid != old.pid
+        assert (await conn.send("status")).ok and conn.pid == conn.worker.pid
+        proc = next(p for p in spawn._children if p.pid == old.pid)
+        assert proc.wait(10) == 0  # asked to shut down, and it did
+        assert not os.path.exists(old.log_path) and not os.path.exists(old.sock)
         await conn.shutdown()
         manager.close_all()
 
