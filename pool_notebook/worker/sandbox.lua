@@ -24,7 +24,7 @@ local sbyte, sfind, sformat, sgsub, sgmatch, ssub = string.byte, string.find, st
       string.gsub, string.gmatch, string.sub
 local concat, pack, unpack = table.concat, table.pack, table.unpack
 local utf8_len = utf8.len
-local math_type = math.type
+local math_type, tointeger = math.type, math.tointeger
 local io_open, io_type = io.open, io.type
 local registry = debug.getregistry()
 local config = package.config
@@ -455,6 +455,20 @@ local sandbox_coroutine = copy(coroutine)
 sandbox_coroutine.create = sandbox_create
 sandbox_coroutine.wrap = sandbox_wrap
 
+-- table.move loops in C, where no interrupt reaches it: bound the range.
+local MAX_MOVE = 1 << 24
+local t_move = table.move
+local sandbox_table = copy(table)
+
+function sandbox_table.move(a1, f, e, t, a2)
+  local first, last = tointeger(tonumber(f)), tointeger(tonumber(e))
+  if first and last and last - first >= MAX_MOVE then
+    error(sformat("table.move: %.0f elements are more than the sandbox moves at once (%d)",
+                  last - first + 1.0, MAX_MOVE), 2)
+  end
+  return t_move(a1, f, e, t, a2)
+end
+
 local sandbox_string = copy(string)
 sandbox_string.dump = blocked("string.dump")
 
@@ -497,7 +511,7 @@ end
 
 local modules = {
   string = sandbox_string,
-  table = copy(table),
+  table = sandbox_table,
   math = copy(math),
   utf8 = copy(utf8),
   coroutine = sandbox_coroutine,
