@@ -455,10 +455,31 @@ local sandbox_coroutine = copy(coroutine)
 sandbox_coroutine.create = sandbox_create
 sandbox_coroutine.wrap = sandbox_wrap
 
--- table.move loops in C, where no interrupt reaches it: bound the range.
+-- table.move, insert and remove loop in C, where no interrupt reaches them
+-- (and #t can be anything a __len says): bound how many elements they shift.
 local MAX_MOVE = 1 << 24
-local t_move = table.move
+-- (the locals carry the library's names: argument errors name them)
+local move, insert, remove = table.move, table.insert, table.remove
 local sandbox_table = copy(table)
+
+local function shift_guard(fname, list, pos)
+  if type(list) ~= "table" then return end
+  local last, first = tointeger(tonumber(#list)), tointeger(tonumber(pos))
+  if last and first and last - first >= MAX_MOVE then
+    error(sformat("%s: shifting %.0f elements is more than the sandbox allows at once (%d)",
+                  fname, last - first + 1.0, MAX_MOVE), 3)
+  end
+end
+
+function sandbox_table.insert(list, ...)
+  if select("#", ...) >= 2 then shift_guard("table.insert", list, (...)) end
+  return insert(list, ...)
+end
+
+function sandbox_table.remove(list, ...)
+  if select("#", ...) >= 1 then shift_guard("table.remove", list, (...)) end
+  return remove(list, ...)
+end
 
 function sandbox_table.move(a1, f, e, t, a2)
   local first, last = tointeger(tonumber(f)), tointeger(tonumber(e))
@@ -466,7 +487,7 @@ function sandbox_table.move(a1, f, e, t, a2)
     error(sformat("table.move: %.0f elements are more than the sandbox moves at once (%d)",
                   last - first + 1.0, MAX_MOVE), 2)
   end
-  return t_move(a1, f, e, t, a2)
+  return move(a1, f, e, t, a2)
 end
 
 local sandbox_string = copy(string)
