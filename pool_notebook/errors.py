@@ -32,6 +32,8 @@ decoder) and chained with ``from``. ``asyncio.CancelledError`` and
     ├── ProtocolStateError           (also RuntimeError) a move the protocol state forbids
     ├── WorkerError                  the worker answered ok:false (carries op and message)
     │   └── SessionRefused           the worker already has a session (one per worker)
+    ├── ContinueRejected             (worker side) a continue that does not fit the paused session
+    ├── LuaMemoryError               (worker side, also MemoryError) data would pass a session's cap
     ├── SpawnError                   a worker process did not come up
     ├── RegistryError                the worker registry could not be used
     │   └── RegistryCorrupted        registry.json exists but does not parse
@@ -58,6 +60,7 @@ __all__ = [
     "ConnectionBroken",
     "ConnectionClosed",
     "ConnectionNotFound",
+    "ContinueRejected",
     "HandshakeError",
     "HandshakeTimeout",
     "HistoryError",
@@ -67,6 +70,7 @@ __all__ = [
     "LLMError",
     "LLMProviderError",
     "LoopError",
+    "LuaMemoryError",
     "MalformedRequest",
     "PoolError",
     "ProtocolError",
@@ -389,6 +393,16 @@ class SessionRefused(WorkerError):
             "(pool_notebook.connect(spawn=...) starts one; connections that spawned "
             "their worker start a fresh one by themselves)",
         )
+
+
+class ContinueRejected(PoolError):
+    """(worker side) A ``continue`` the paused session cannot take; the message
+    (algocline's wording, e.g. ``unknown query_id: q-7``) goes to the client."""
+
+
+class LuaMemoryError(PoolError, MemoryError):
+    """(worker side) Data would pass a Lua session's memory cap; checked before it
+    is copied into Lua, so sandboxed code sees a Lua error, never an abort."""
 
 
 class InvalidArgument(PoolError, ValueError):

@@ -1,10 +1,16 @@
 """The Lua side of the bundled worker: one ``alc`` session as a Lua coroutine.
 
-``alc.llm`` yields a batch of queries out of the coroutine; the worker's
-``continue`` answers resume it. Lua runs through ``lupa`` (Lua 5.4 where the
-wheel has it), sandboxed by default: no process, file-writing, C-loading or
-Python escape hatches, a memory cap, and modules from ``lib_paths`` loaded as
-text only. Methods here block; the server calls them from a worker thread.
+``alc.llm`` pauses the session's coroutine with a batch of queries (a yield
+tagged with a private sentinel, so a user's own ``coroutine.yield`` is never
+taken for one); the worker's ``continue`` answers resume it. Every session gets
+a fresh Lua 5.4 VM (``lupa``), sandboxed by default, under one memory cap that
+also counts what the worker keeps for the session in Python (transcript, log,
+``alc.state`` values). A count hook makes running Lua interruptible from another
+thread. :class:`SessionFactory` keeps one VM built ahead, so a session starts
+without paying for the runtime, the sandbox and the ``alc`` prelude.
+
+Methods here block; the server calls them from its one Lua thread, except
+:meth:`LuaSession.interrupt` (any thread).
 """
 
 from __future__ import annotations
@@ -12,46 +18,179 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 from lupa import lua54 as _lua  # algocline embeds Lua 5.4: the same dialect
 
+from ..errors import ContinueRejected, InvalidArgument, LuaMemoryError
 from . import natives
-from .sandbox import install_sandbox
+from .sandbox import SandboxPolicy, install_sandbox, module_path
 
-__all__ = ["LuaSession", "SessionError", "Step"]
+__all__ = [
+    "DEFAULT_MAX_MEMORY",
+    "HISTORY_ENTRIES",
+    "LOG_ENTRIES",
+    "TEXT_LIMIT",
+    "LuaSession",
+    "SessionError",
+    "SessionFactory",
+    "Step",
+    "estimate_tokens",
+    "lua_size",
+]
 
 log = logging.getLogger("pool_notebook.worker.lua")
 
 DEFAULT_MAX_MEMORY = 256 * 1024 * 1024
+#: Transcript entries kept for ``status`` (algocline: the last 10).
+HISTORY_ENTRIES = 10
+#: Characters kept of each transcript text and log message (the rest is cut, with a note).
+TEXT_LIMIT = 65536
+#: Log entries kept per session (algocline's ring buffer: 20).
+LOG_ENTRIES = 20
+#: Lua instructions between two interrupt checks (~0.3-1 ms of Lua).
+HOOK_EVERY = 100_000
+#: Extra room while Python copies data into Lua: an allocation failing there
+#: would abort the process (lupa pushes outside a protected call).
+HEADROOM = 1024 * 1024
 _MAX_DEPTH = 100
+_MAX_USAGE = 2**53
 
-# The coroutine driver: xpcall inside the coroutine keeps the full traceback.
+#: Kept for the server until it imports ContinueRejected.
+SessionError = ContinueRejected
+
+# The coroutine driver. It runs before the sandbox, which then only sees the
+# hooked coroutine.create/wrap defined here (so every coroutine user code makes
+# is interruptible and anchored: lupa 2.8 crashes if a coroutine that called
+# into Python is collected while Python still holds one of its objects).
 _DRIVER = r"""
+local interrupted, settle = ...
+local create, resume, status, yield = coroutine.create, coroutine.resume, coroutine.status,
+      coroutine.yield
+local sethook, traceback = debug.sethook, debug.traceback
+local error, pack, setmetatable, tostring, type, unpack, xpcall =
+      error, table.pack, setmetatable, tostring, type, table.unpack, xpcall
+local concat, ssub, utf8_len, math_type = table.concat, string.sub, utf8.len, math.type
+
 local D = {}
+local PAUSE = {}        -- private: only alc.llm's yields carry it
+local anchored = {}
 local co
+
+local stopping = false
+
+local function hook()
+  if stopping or interrupted() then
+    stopping = true
+    sethook(hook, "", 1)  -- from now on every instruction of this thread fails
+    error("interrupted", 0)
+  end
+end
+
+local function hooked(c)
+  if stopping then error("interrupted", 0) end
+  sethook(c, hook, "", HOOK_EVERY)
+  anchored[#anchored + 1] = c
+  return c
+end
+
+coroutine.create = function(f) return hooked(create(f)) end
+coroutine.wrap = function(f)
+  local c = hooked(create(f))
+  return function(...)
+    local r = pack(resume(c, ...))
+    if r[1] then return unpack(r, 2, r.n) end
+    error(r[2], 0)
+  end
+end
+
+-- Invalid UTF-8 replaced by U+FFFD (error messages must always get through).
+function D.clean(s)
+  if utf8_len(s) then return s end
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local ok, bad = utf8_len(s, i)
+    if ok then out[#out + 1] = ssub(s, i); break end
+    out[#out + 1] = ssub(s, i, bad - 1)
+    out[#out + 1] = "\u{FFFD}"
+    i = bad + 1
+  end
+  return concat(out)
+end
+
+local function text(q, key, i, optional)
+  local s = q[key]
+  if s == nil and optional then return end
+  if type(s) ~= "string" then
+    error("alc.llm: query " .. i .. ": " .. key .. " must be a string, got " .. type(s), 0)
+  end
+  local ok, bad = utf8_len(s)
+  if not ok then
+    error("alc.llm: query " .. i .. ": " .. key .. " is not valid UTF-8 (byte " .. bad .. ")", 0)
+  end
+end
+
+-- alc.llm's only way out: one pause with these queries; returns the answers in order.
+function D.pause(queries)
+  if type(queries) ~= "table" or #queries == 0 then
+    error("alc.llm: a pause needs at least one query", 0)
+  end
+  for i = 1, #queries do
+    local q = queries[i]
+    if type(q) ~= "table" then error("alc.llm: query " .. i .. " must be a table", 0) end
+    text(q, "prompt", i)
+    text(q, "system", i, true)
+    local m = q.max_tokens
+    if math_type(m) ~= "integer" or m < 0 or m > 4294967295 then
+      error("alc.llm: query " .. i .. ": max_tokens must be an integer in 0..2^32-1", 0)
+    end
+  end
+  local answers = yield(PAUSE, queries)
+  if type(answers) == "string" then error(answers, 0) end  -- refused by the host
+  return answers
+end
+
 function D.start(chunk)
-  co = coroutine.create(function() return xpcall(chunk, debug.traceback) end)
+  co = hooked(create(function() return xpcall(chunk, traceback) end))
 end
+
+-- One step of the session: ("paused", queries) | ("done", {result}) |
+-- ("error", message) | ("yield", nil) for a yield that is not alc.llm's.
 function D.resume(value)
-  local ok, a, b = coroutine.resume(co, value)
-  if not ok then return "error", tostring(a) end
-  if coroutine.status(co) == "suspended" then return "paused", a end
-  if a then return "done", b end
-  return "error", tostring(b)
+  local ok, a, b = resume(co, value)
+  if not ok then return "error", D.clean(tostring(a)) end
+  if status(co) == "suspended" then
+    if a == PAUSE then return "paused", b end
+    -- TRANSITION until alc.lua pauses through host.pause: its plain yield of queries
+    if type(a) == "table" and type(a[1]) == "table" and type(a[1].prompt) == "string" then
+      return "paused", a
+    end
+    return "yield", nil
+  end
+  if a then return "done", { b } end
+  return "error", D.clean(tostring(b))
 end
+
+-- Host functions lift the cap on entry (Python copies their results into Lua
+-- outside a protected call); alc.lua calls this when one has returned.
+function D.settle() settle() end
+
 -- Tables that are JSON arrays even when empty (weak keys: no leak).
 D.arrays = setmetatable({}, { __mode = "k" })
 function D.mark_array(t) D.arrays[t] = true return t end
+
+D.null = setmetatable({}, {
+  __metatable = "null",
+  __tostring = function() return "null" end,
+  __newindex = function() error("null is read-only", 2) end,
+})
+D.arrays[D.null] = "null"  -- to_py's one lookup tells null, arrays and objects apart
 return D
-"""
-
-
-class SessionError(Exception):
-    """A ``continue`` that does not fit the session (message goes to the client)."""
+""".replace("HOOK_EVERY", str(HOOK_EVERY))
 
 
 @dataclass
@@ -65,139 +204,337 @@ class Step:
     error: str | None = None
 
 
+@dataclass
+class _Entry:
+    """One LLM query of the transcript (algocline's TranscriptEntry), texts cut."""
+
+    query_id: str
+    prompt: str
+    system: str | None
+    prompt_tokens: int
+    started_at: int
+    prompt_source: str = "estimated"
+    response: str | None = None
+    response_tokens: int = 0
+    response_source: str = "estimated"
+    completed_at: int | None = None
+    held: int = 0  # bytes charged for the texts kept
+
+    def to_history(self) -> dict[str, Any]:
+        return {"query_id": self.query_id, "prompt": self.prompt, "response": self.response,
+                "prompt_tokens": self.prompt_tokens, "response_tokens": self.response_tokens,
+                "started_at": self.started_at, "completed_at": self.completed_at}
+
+
+class _Tokens:
+    """A session's token total with provenance (algocline's TokenCount, summed)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.by_source = {"estimated": 0, "provided": 0}
+
+    def add(self, tokens: int, source: str) -> None:
+        self.tokens += tokens
+        self.by_source[source] += 1
+
+    def remove(self, tokens: int, source: str) -> None:
+        self.tokens -= tokens
+        self.by_source[source] -= 1
+
+    @property
+    def source(self) -> str:
+        """The weakest source counted: estimated < provided < definite (nothing counted)."""
+        for source in ("estimated", "provided"):
+            if self.by_source[source]:
+                return source
+        return "definite"
+
+
+def _weaker(a: str, b: str) -> str:
+    order = ("estimated", "provided", "definite")
+    return order[min(order.index(a), order.index(b))]
+
+
+def estimate_tokens(text: str) -> int:
+    """algocline's estimate: ASCII ~4 chars per token, other characters ~1.5."""
+    ascii_chars = len(text) if text.isascii() else len(text.encode("ascii", "ignore"))
+    other = len(text) - ascii_chars
+    return -(-ascii_chars // 4) + -(-(other * 2) // 3)
+
+
+def lua_size(value: Any) -> int:
+    """Bytes ``value`` (JSON-able Python) will take as Lua values, roughly."""
+    total, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += 32 + len(v) if v.isascii() else 32 + len(v.encode("utf-8", "replace"))
+        elif isinstance(v, dict):
+            total += 64 + 48 * len(v)
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            total += 64 + 16 * len(v)
+            stack.extend(v)
+    return total
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _cut(text: str, limit: int = TEXT_LIMIT) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"... [{len(text) - limit} more characters not kept]"
+
+
+def _mib(n: int) -> str:
+    return f"{round(n / 2**20, 1):g} MiB"
+
+
 class LuaSession:
-    """One run of Lua code, paused and resumed by LLM queries."""
+    """One run of Lua code in its own VM, paused and resumed by LLM queries.
+
+    ``LuaSession(sandbox=..., max_memory=..., allow_env=...)`` builds the VM only
+    (see :class:`SessionFactory`); :meth:`bind` gives it its code, then
+    :meth:`start`. Passing ``session_id`` and ``code`` does both at once.
+    """
 
     def __init__(
         self,
-        session_id: str,
-        code: str,
+        session_id: str | None = None,
+        code: str = "",
         *,
         ctx: Any = None,
         lib_paths: Sequence[str] = (),
-        state: dict[str, Any],
+        state: dict[str, Any] | None = None,
         sandbox: bool = True,
         max_memory: int = DEFAULT_MAX_MEMORY,
+        allow_env: Iterable[str] = frozenset(),
     ) -> None:
-        self.session_id = session_id
-        self.state = "running"
+        if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory <= 0:
+            raise InvalidArgument(f"max_memory must be a positive number of bytes, "
+                                  f"got {max_memory!r}")
+        self.session_id = ""
+        self.state = "idle"
+        self.kv: dict[str, Any] = {} if state is None else state
+        self.stats: dict[str, Any] = {}
+        self.progress: dict[str, Any] | None = None
         self.pending: dict[str, dict[str, Any]] = {}
         self.answers: dict[str, str] = {}
-        self.transcript: list[dict[str, Any]] = []
-        self.rounds = 0
-        self.queries = 0
-        self.usage: dict[str, int] = {}
-        self._started = time.perf_counter()
-        self.kv = state
-        self._max_memory = max_memory
+        self.max_memory = max_memory
+        self._charged = 0
+        self._interrupted: str | None = None
+        self._failure: str | None = None
+        self._code = ""
+        self._started = self._ended = 0.0
+        self._logs: deque[dict[str, Any]] = deque(maxlen=LOG_ENTRIES)
+        self._history: deque[_Entry] = deque(maxlen=HISTORY_ENTRIES)
+        self._open: dict[str, _Entry] = {}
+        self._prompt_tokens = _Tokens()
+        self._response_tokens = _Tokens()
+        self.llm_calls = self.pauses = self.rounds = 0
+        self.prompt_chars = self.response_chars = 0
+        self._sandboxed = sandbox
         self._lua = _lua.LuaRuntime(
             register_eval=False,
             register_builtins=False,
             unpack_returned_tuples=True,
-            max_memory=max_memory or None,
+            max_memory=max_memory,
             attribute_filter=_deny_attributes,
         )
         g = self._lua.globals()
         g.python = None
-        host = self._lua.table_from(natives.host_functions(self))
-        self._driver = self._lua.execute(_DRIVER)
+        self._driver = self._lua.execute(_DRIVER, self._is_interrupted, self._settle)
         self._arrays = self._driver.arrays
+        self._mark_array: Callable[[Any], Any] = self._driver.mark_array
+        self.null = self._driver.null
+        self._sandbox = (install_sandbox(self._lua, SandboxPolicy(
+            allow_env=frozenset(allow_env), log=self._sandbox_log)) if sandbox else None)
+        host = self._lua.table()
+        for name, value in natives.host_functions(self).items():
+            is_python = _lua.lua_type(value) is None and callable(value)
+            host[name] = self._lifting(value) if is_python else value
         host.array = self._driver.mark_array
-        if sandbox:
-            install_sandbox(self._lua, host, lib_paths=lib_paths)
-        package = g.package
-        extra = ";".join(f"{p}/?.lua;{p}/?/init.lua" for p in lib_paths)
-        if extra:
-            package.path = extra + ";" + package.path
+        host.pause = self._driver.pause
+        host.settle = self._driver.settle
         prelude = resources.files(__package__).joinpath("alc.lua").read_text("utf-8")
         g.alc = self._lua.execute(prelude, host)
-        g.ctx = self.to_lua(ctx)
-        self._code = code
+        self._settle()
+        if session_id is not None:
+            self.bind(session_id, code, ctx=ctx, lib_paths=lib_paths)
 
     # -------------------------------------------------------------- lifecycle
 
+    def bind(self, session_id: str, code: str, *, ctx: Any = None,
+             lib_paths: Sequence[str] = ()) -> None:
+        """Give this (fresh) VM its session: id, code, ``ctx`` and module paths."""
+        if self.state != "idle":
+            raise InvalidArgument("a LuaSession runs one session; build a new one")
+        self.session_id, self._code, self.state = session_id, code, "running"
+        self._started = time.perf_counter()
+        if self._sandbox is not None:
+            self._sandbox.add_lib_paths(lib_paths)
+        else:
+            package = self._lua.globals().package
+            package.path = module_path(lib_paths) + ";" + package.path
+        if ctx is not None:
+            try:
+                self.ensure_room(lua_size(ctx), "ctx")
+            except LuaMemoryError as exc:
+                self._failure = str(exc)
+                return
+            self._lua.globals().ctx = self.to_lua(ctx)
+            self._settle()
+
     def start(self) -> Step:
         """Compile and run the code until its first pause or its end."""
-        loader = self._lua.globals().load
-        loaded = loader(self._code, "=run", "t")
-        if isinstance(loaded, tuple):  # (nil, message)
-            return self._finish(Step("error", error=f"syntax error: {loaded[1]}"))
-        chunk = loaded
-        self._driver.start(chunk)
-        return self._resume(None)
+        try:
+            if self._failure is not None:
+                return self._fail(self._failure)
+            if self._interrupted is not None:
+                return self._fail(f"interrupted: {self._interrupted}")
+            self.ensure_room(_utf8_len(self._code), "the code")
+            loaded = self._lua.globals().load(self._code, "=run", "t")
+            self._settle()
+            if isinstance(loaded, tuple):  # (nil, message)
+                return self._fail(f"syntax error: {loaded[1]}")
+            self._driver.start(loaded)
+            return self._resume(None)
+        except LuaMemoryError as exc:
+            return self._fail(str(exc))
+        except Exception as exc:  # whatever it was, the worker must go on
+            return self._crashed(exc)
 
-    def answer(self, query_id: str | None, response: str, usage: Mapping[str, Any] | None) -> Step:
-        """Store one answer; resume the code once every pending query has one."""
+    def answer(self, query_id: str | None, response: str,
+               usage: Mapping[str, Any] | None = None) -> Step:
+        """Store one answer; resume the code once every pending query has one.
+
+        Raises :class:`~pool_notebook.errors.ContinueRejected` (algocline's texts)
+        for an answer that does not fit; the session is unchanged then.
+        """
         if self.state != "paused":
-            raise SessionError("no paused session to continue")
+            raise ContinueRejected("no paused session to continue")
         if query_id is None:
-            open_ids = [q for q in self.pending if q not in self.answers]
-            if len(open_ids) != 1:
-                raise SessionError(
-                    f"query_id is required: {len(open_ids)} queries are pending ({open_ids})"
-                )
-            query_id = open_ids[0]
+            waiting = [q for q in self.pending if q not in self.answers]
+            if len(waiting) != 1:
+                raise ContinueRejected(
+                    f"query_id is required: {len(waiting)} queries are pending ({waiting})")
+            query_id = waiting[0]
         if query_id not in self.pending:
-            raise SessionError(f"unknown query_id {query_id!r} (pending: {list(self.pending)})")
+            raise ContinueRejected(f"unknown query_id: {query_id}")
         if query_id in self.answers:
-            raise SessionError(f"query {query_id!r} was already answered")
-        self.answers[query_id] = response
-        for key, value in (usage or {}).items():
-            if isinstance(value, int):
-                self.usage[key] = self.usage.get(key, 0) + value
-        query = self.pending[query_id]
-        self.transcript.append({"query_id": query_id, "prompt": query["prompt"],
-                                "system": query.get("system"), "response": response})
-        remaining = len(self.pending) - len(self.answers)
-        if remaining:
-            return Step("accepted", remaining=remaining)
-        ordered = [self.answers[q] for q in self.pending]
-        self.pending, self.answers = {}, {}
-        self.state = "running"
-        return self._resume(self._lua.table_from(ordered))
+            raise ContinueRejected(f"already responded to query_id: {query_id}")
+        prompt_tokens, completion_tokens = _usage(usage)
+        try:
+            if self._interrupted is not None:
+                return self._fail(f"interrupted: {self._interrupted}")
+            self.answers[query_id] = response
+            self._record_answer(query_id, response, prompt_tokens, completion_tokens)
+            remaining = len(self.pending) - len(self.answers)
+            if remaining:
+                return Step("accepted", remaining=remaining)
+            return self._resume(self._answers_for_lua())
+        except Exception as exc:  # whatever it was, the worker must go on
+            return self._crashed(exc)
+
+    def interrupt(self, reason: str) -> None:
+        """Stop this session (any thread): running Lua fails within a hook period
+        (~1 ms); a paused session fails at its next ``continue``."""
+        self._interrupted = reason
+
+    # -------------------------------------------------------------- observation
 
     def metrics(self) -> dict[str, Any]:
-        return {
-            "wall_ms": round((time.perf_counter() - self._started) * 1000, 3),
-            "llm_rounds": self.rounds,
-            "llm_queries": self.queries,
-            "usage": dict(self.usage),
+        """algocline's Finished metrics ``{"auto": {...}, "custom": {...}}``, plus
+        ``recent_logs`` and ``progress`` (ours; algocline has them in its status)."""
+        p, r = self._prompt_tokens, self._response_tokens
+        auto = {
+            "elapsed_ms": self.elapsed_ms,
+            "llm_calls": self.llm_calls,
+            "pauses": self.pauses,
+            "rounds": self.rounds,
+            "total_prompt_chars": self.prompt_chars,
+            "total_response_chars": self.response_chars,
+            "prompt_tokens": {"tokens": p.tokens, "source": p.source},
+            "response_tokens": {"tokens": r.tokens, "source": r.source},
+            "total_tokens": {"tokens": p.tokens + r.tokens,
+                             "source": _weaker(p.source, r.source)},
         }
+        out: dict[str, Any] = {"auto": auto, "custom": dict(self.stats),
+                               "recent_logs": self.logs()}
+        if self.progress is not None:
+            out["progress"] = dict(self.progress)
+        return out
 
-    # -------------------------------------------------------------- internals
+    def history(self, limit: int = HISTORY_ENTRIES) -> list[dict[str, Any]]:
+        """The last ``limit`` (at most 10) transcript entries, oldest first, the
+        pending ones included (``response`` None); texts cut at TEXT_LIMIT."""
+        entries = list(self._history)[-limit:] if limit > 0 else []
+        return [e.to_history() for e in entries]
 
-    def _resume(self, value: Any) -> Step:
-        try:
-            kind, payload = self._driver.resume(value)
-        except _lua.LuaError as exc:
-            kind, payload = "error", str(exc)
-        if kind == "paused":
-            queries = []
-            for i, q in enumerate(self.to_py(payload) or []):
-                query = {"id": f"q-{i}", **q}
-                queries.append(query)
-                self.pending[query["id"]] = query
-            self.rounds += 1
-            self.queries += len(queries)
-            self.state = "paused"
-            return Step("paused", queries=queries)
-        if kind == "done":
-            try:
-                result = self.to_py(payload)
-            except ValueError as exc:
-                return self._finish(Step("error", error=f"cannot return this value: {exc}"))
-            return self._finish(Step("done", result=result))
-        message = str(payload)
-        if message.startswith("not enough memory"):
-            message += f" (the Lua memory cap of {self._max_memory // 2**20} MiB was reached)"
-        return self._finish(Step("error", error=message))
+    def logs(self) -> list[dict[str, Any]]:
+        """The last LOG_ENTRIES log entries ``{ts, level, source, message}``, oldest first."""
+        return list(self._logs)
 
-    def _finish(self, step: Step) -> Step:
-        self.state = "completed" if step.kind == "done" else "failed"
-        return step
+    def counters(self) -> tuple[int, int, int]:
+        """(llm calls, elapsed ms, total tokens): what algocline's budget checks."""
+        return (self.llm_calls, self.elapsed_ms,
+                self._prompt_tokens.tokens + self._response_tokens.tokens)
+
+    @property
+    def elapsed_ms(self) -> int:
+        end = self._ended or time.perf_counter()
+        return int((end - self._started) * 1000) if self._started else 0
+
+    @property
+    def queries(self) -> int:
+        """LLM queries so far (alias of ``llm_calls``)."""
+        return self.llm_calls
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """Token totals so far (estimated where the host gave none)."""
+        p, r = self._prompt_tokens.tokens, self._response_tokens.tokens
+        return {"prompt_tokens": p, "completion_tokens": r, "total_tokens": p + r}
+
+    # -------------------------------------------------------------- for natives
+
+    def emit_log(self, level: str, message: str, source: str = "alc.log") -> None:
+        """A log line of the session (print, io.write, alc.log): kept (bounded) and logged."""
+        self._logs.append({"ts": _now_ms(), "level": level, "source": source,
+                           "message": _cut(message, TEXT_LIMIT // 16)})
+        number = logging.getLevelName(level.upper())
+        log.log(number if isinstance(number, int) else logging.INFO, "[%s] %s",
+                self.session_id, message)
+
+    def set_progress(self, step: int, total: int, message: str | None) -> None:
+        """``alc.progress``: the session's current step (0 total = unknown)."""
+        self.progress = {"step": step, "total": total,
+                         "message": None if message is None else _cut(message, TEXT_LIMIT // 16)}
+
+    def ensure_room(self, nbytes: int, what: str) -> None:
+        """Refuse (LuaMemoryError) ``nbytes`` more for the session if they would pass
+        its cap; else make room to copy them into Lua safely (until the host
+        function returns)."""
+        used = self._used()
+        if used + nbytes > self.max_memory:
+            raise LuaMemoryError(
+                f"{what}: {_mib(nbytes)} would exceed the session's memory cap of "
+                f"{_mib(self.max_memory)} ({_mib(used)} in use); use less data or start "
+                f"the worker with a larger --max-memory-mb")
+        self._lua.set_max_memory(self._limit() + HEADROOM + nbytes)
+
+    def charge(self, nbytes: int, what: str = "data kept by the worker") -> None:
+        """Count ``nbytes`` the worker keeps for the session (alc.state, stats,
+        cards) against its cap; LuaMemoryError if they do not fit."""
+        self.ensure_room(nbytes, what)
+        self._account(nbytes)
 
     def to_py(self, value: Any, depth: int = 0) -> Any:
-        """Lua value -> JSON-able Python (arrays for 1..n tables and marked empties)."""
+        """Lua value -> JSON-able Python (arrays for 1..n tables and marked empties;
+        alc.null is None). ValueError names what cannot be converted."""
         if depth > _MAX_DEPTH:
             raise ValueError(f"nesting deeper than {_MAX_DEPTH} (a cycle?)")
         kind = _lua.lua_type(value)
@@ -207,9 +544,15 @@ class LuaSession:
             return value
         if kind != "table":
             raise ValueError(f"a Lua {kind} is not representable in JSON")
-        items = list(value.items())
+        mark = self._arrays[value]
+        if mark == "null":
+            return None
+        try:
+            items = list(value.items())
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(exc) from None
         if not items:
-            return [] if self._arrays[value] else {}
+            return [] if mark is True else {}
         keys = [k for k, _ in items]
         if all(type(k) is int for k in keys) and sorted(keys) == list(range(1, len(keys) + 1)):
             return [self.to_py(v, depth + 1) for _, v in sorted(items, key=lambda kv: kv[0])]
@@ -217,25 +560,219 @@ class LuaSession:
         for k, v in items:
             if isinstance(k, float) and k.is_integer():
                 k = int(k)
-            if not isinstance(k, (str, int)):
+            if not isinstance(k, (str, int)) or isinstance(k, bool):
                 raise ValueError(f"table key of type {_lua.lua_type(k) or type(k).__name__}")
             out[str(k)] = self.to_py(v, depth + 1)
         return out
 
     def to_lua(self, value: Any) -> Any:
-        """JSON-able Python -> Lua (lists become marked arrays, null becomes nil)."""
+        """JSON-able Python -> Lua (lists become marked arrays; None inside
+        containers becomes alc.null, a top-level None is nil)."""
         if isinstance(value, dict):
             table = self._lua.table()
             for k, v in value.items():
-                table[k] = self.to_lua(v)
+                table[k] = self.null if v is None else self.to_lua(v)
             return table
         if isinstance(value, list):
             table = self._lua.table()
             for i, v in enumerate(value, 1):
-                table[i] = self.to_lua(v)
-            self._arrays[table] = True
-            return table
+                table[i] = self.null if v is None else self.to_lua(v)
+            return self._mark_array(table)
         return value
+
+    # -------------------------------------------------------------- internals
+
+    def _resume(self, value: Any) -> Step:
+        self._settle()
+        try:
+            kind, payload = self._driver.resume(value)
+        except _lua.LuaError as exc:  # the driver itself failed (e.g. a bad __tostring)
+            kind, payload = "error", str(exc)
+        if self._interrupted is not None:
+            return self._fail(f"interrupted: {self._interrupted}")
+        if kind == "paused":
+            return self._pause(payload)
+        if kind == "yield":
+            return self._fail("coroutine.yield() outside a coroutine the code created: "
+                              "only alc.llm may pause a session")
+        if kind == "done":
+            try:
+                result = self.to_py(payload[1])
+            except UnicodeDecodeError as exc:  # a string result
+                return self._fail(f"cannot return this value: {_not_utf8(exc)}")
+            except ValueError as exc:
+                return self._fail(f"cannot return this value: {exc}")
+            return self._finish(Step("done", result=result))
+        message = str(payload)
+        if "not enough memory" in message:
+            message += (f" (the session's memory cap of {_mib(self.max_memory)} was reached;"
+                        " start the worker with a larger --max-memory-mb)")
+        return self._fail(message)
+
+    def _pause(self, batch: Any) -> Step:
+        """Record the queries of a pause (validated by the driver) and report them."""
+        now = _now_ms()
+        queries = []
+        for i in range(len(batch)):
+            q = batch[i + 1]
+            query: dict[str, Any] = {"id": f"q-{i}", "prompt": q["prompt"],
+                                     "system": q["system"], "max_tokens": q["max_tokens"]}
+            for flag in ("grounded", "underspecified"):
+                if q[flag] is True:
+                    query[flag] = True
+            queries.append(query)
+        self.pending = {q["id"]: q for q in queries}
+        self.answers = {}
+        self.pauses += 1
+        self.llm_calls += len(queries)
+        self._open = {}
+        for q in queries:
+            prompt, system = q["prompt"], q["system"]
+            tokens = estimate_tokens(prompt) + (estimate_tokens(system) if system else 0)
+            self.prompt_chars += _utf8_len(prompt) + (_utf8_len(system) if system else 0)
+            entry = _Entry(q["id"], _cut(prompt), None if system is None else _cut(system),
+                           tokens, now)
+            self._prompt_tokens.add(tokens, "estimated")
+            self._response_tokens.add(0, "estimated")
+            self._keep(entry)
+            self._open[entry.query_id] = entry
+        self.state = "paused"
+        return Step("paused", queries=queries)
+
+    def _record_answer(self, query_id: str, response: str, prompt_tokens: int | None,
+                       completion_tokens: int | None) -> None:
+        """algocline's on_response_fed: the entry's response, tokens and timestamp."""
+        entry = self._open[query_id]
+        self.response_chars += _utf8_len(response)
+        entry.response, entry.completed_at = _cut(response), _now_ms()
+        if entry in self._history:  # what is kept is charged until it is dropped
+            self._account(len(entry.response))
+            entry.held += len(entry.response)
+        if prompt_tokens is not None:
+            self._prompt_tokens.remove(entry.prompt_tokens, entry.prompt_source)
+            entry.prompt_tokens, entry.prompt_source = prompt_tokens, "provided"
+            self._prompt_tokens.add(prompt_tokens, "provided")
+        self._response_tokens.remove(entry.response_tokens, entry.response_source)
+        if completion_tokens is not None:
+            entry.response_tokens, entry.response_source = completion_tokens, "provided"
+        else:
+            entry.response_tokens = estimate_tokens(response)
+        self._response_tokens.add(entry.response_tokens, entry.response_source)
+
+    def _answers_for_lua(self) -> Any:
+        """The answers of the pause as a Lua array, or an error text for alc.llm when
+        they do not fit the memory cap (checked before anything is copied)."""
+        ordered = [self.answers[q] for q in self.pending]
+        self.pending, self.answers, self._open = {}, {}, {}
+        self.rounds += 1
+        self.state = "running"
+        size = sum(32 + _utf8_len(a) for a in ordered)
+        try:
+            self.ensure_room(size, "the answers")
+        except LuaMemoryError as exc:
+            return f"alc.llm: {exc}"
+        return self._mark_array(self._lua.table_from(ordered))
+
+    def _keep(self, entry: _Entry) -> None:
+        """Add a transcript entry; the oldest beyond HISTORY_ENTRIES is dropped."""
+        if len(self._history) == self._history.maxlen:
+            self._account(-self._history[0].held)
+        entry.held = len(entry.prompt) + len(entry.system or "")
+        self._account(entry.held)
+        self._history.append(entry)
+
+    def _fail(self, error: str) -> Step:
+        return self._finish(Step("error", error=error))
+
+    def _finish(self, step: Step) -> Step:
+        self.state = "completed" if step.kind == "done" else "failed"
+        self._ended = time.perf_counter()
+        self.pending, self.answers, self._open = {}, {}, {}
+        return step
+
+    def _crashed(self, exc: Exception) -> Step:
+        log.exception("session %s failed inside the worker", self.session_id)
+        return self._fail(f"the worker could not run this session: {type(exc).__name__}: {exc}")
+
+    def _is_interrupted(self) -> bool:
+        """(count hook) whether to stop; also settles the cap if a host call left it lifted."""
+        self._settle()
+        return self._interrupted is not None
+
+    def _sandbox_log(self, level: str, source: str, message: str) -> None:
+        self.emit_log(level, message, source)
+
+    # memory: Lua may use the cap minus what Python keeps for the session
+
+    def _used(self) -> int:
+        return int(self._lua.get_memory_used() or 0) + self._charged
+
+    def _limit(self) -> int:
+        return max(self.max_memory - self._charged, 1)
+
+    def _account(self, nbytes: int) -> None:
+        self._charged = max(self._charged + nbytes, 0)
+
+    def _lifting(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` (a host function) run with room to copy its results into Lua."""
+        def call(*args: Any) -> Any:
+            self._lua.set_max_memory(self._limit() + HEADROOM)
+            return fn(*args)
+        return call
+
+    def _settle(self) -> None:
+        """Back to the session's cap (Lua allocations past it fail as Lua errors)."""
+        self._lua.set_max_memory(self._limit())
+
+
+class SessionFactory:
+    """Builds :class:`LuaSession` objects with one VM built ahead of time.
+
+    ``new`` takes the ready VM (or builds one); call ``prewarm`` in the Lua
+    thread when it is idle (e.g. right after a reply is sent) to build the next.
+    """
+
+    def __init__(self, *, sandbox: bool = True, max_memory: int = DEFAULT_MAX_MEMORY,
+                 allow_env: Iterable[str] = frozenset()) -> None:
+        self._build: Callable[[], LuaSession] = lambda: LuaSession(
+            sandbox=sandbox, max_memory=max_memory, allow_env=frozenset(allow_env))
+        self._ready: LuaSession | None = None
+
+    def new(self, session_id: str, code: str, *, ctx: Any = None,
+            lib_paths: Sequence[str] = ()) -> LuaSession:
+        """A session bound to ``code``, on the warm VM when one is ready."""
+        session, self._ready = self._ready or self._build(), None
+        session.bind(session_id, code, ctx=ctx, lib_paths=lib_paths)
+        return session
+
+    def prewarm(self) -> None:
+        """Build the next session's VM now, if none is ready."""
+        if self._ready is None:
+            self._ready = self._build()
+
+
+def _usage(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
+    """(prompt_tokens, completion_tokens) from ``continue``'s usage, validated."""
+    if not usage:
+        return None, None
+    out: list[int | None] = []
+    for key in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value <= _MAX_USAGE):
+            raise ContinueRejected(f"usage.{key} must be an integer in 0..2^53, got {value!r}")
+        out.append(value)
+    return out[0], out[1]
+
+
+def _utf8_len(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (algocline counts chars as Rust's ``len()``: bytes)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"a string is not valid UTF-8 ({exc.reason} at byte {exc.start + 1}); "
+                      "cut strings with utf8.offset, not string.sub")
 
 
 def _deny_attributes(obj: Any, name: Any, is_setting: bool) -> Any:
