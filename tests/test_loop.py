@@ -110,16 +110,20 @@ def test_terminal_ipython_background_progresses_between_cells_and_awaits() -> No
                           env={**os.environ, "TERM": "xterm"}, encoding="utf-8", timeout=60,
                           dimensions=(40, 200))
     cells = iter([
-        "import pool_notebook",
+        "%load_ext pool_notebook",
         "from pool_notebook.loop import runner",
-        "conn = await pool_notebook.connect()",
+        "conn = %pool_connect",  # made by a magic, awaited by the shell: the same loop
+        "reply = await conn.send('status'); print('AWAITED', reply.outcome)",
         "task = runner.background(conn.send('status'), get_ipython())",
     ])
     try:
         for number, line in enumerate(cells, 1):
             child.expect(rf"In \[{number}\]:")
             child.sendline(line)
-        child.expect(r"In \[5\]:")
+            if line.startswith("reply"):
+                child.expect(r"AWAITED (\w+)")
+                assert child.match.group(1) == "ok"
+        child.expect(r"In \[6\]:")
         time.sleep(1.0)  # no cell runs now: only the shell's prompt can run the loop
         child.sendline("print('DONE', task.done(), get_ipython().active_eventloop)")
         child.expect(r"DONE (\w+) (\w+)")
@@ -127,9 +131,9 @@ def test_terminal_ipython_background_progresses_between_cells_and_awaits() -> No
         child.sendline("reply = await task; print('REPLY', reply.op, reply.outcome)")
         child.expect(r"REPLY (\w+) (\w+)")  # awaited on the loop it ran on
         assert child.match.group(1) == "status" and child.match.group(2) == "ok"
-        child.expect(r"In \[7\]:")
-        child.sendline("await conn.shutdown()")
         child.expect(r"In \[8\]:")
+        child.sendline("await conn.shutdown()")
+        child.expect(r"In \[9\]:")
         child.sendline("exit")
         child.expect(pexpect.EOF)
     finally:
