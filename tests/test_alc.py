@@ -517,3 +517,21 @@ def test_eval_runs_a_strategy_on_an_inline_scenario_and_emits_a_card(
     assert card["pkg"]["name"] == "say" and card["stats"]["n"] == 2
     with fails("could not resolve scenario 'no_such_scenario'"):
         w.run("return alc.eval('no_such_scenario', 'say')", lib_paths=lib_paths)
+
+
+@pytest.mark.skipif(not (CORPUS / "evalframe").is_dir(), reason="pinned corpus is absent")
+def test_eval_with_a_pinned_scenario_in_evalframe_form(w: SharedWorker, tmp_path: Path) -> None:
+    """math_basic: ef.bind graders and named ef.case cases, resolved through require."""
+    (tmp_path / "say.lua").write_text(
+        "return {run = function(ctx) ctx.result = alc.llm(ctx.task); return ctx end}")
+    answers = {"2+2": "4", "15-7": "8", "7*8": "56", "144/12": "12", "2^10": "1024",
+               "prime": "Yes", "5!": "120"}
+
+    def respond(query: Query) -> str:
+        return next((a for k, a in answers.items() if k in query.prompt), "?")
+    report = w.run("return alc.eval('scenarios.math_basic', 'say')", respond,
+                   lib_paths=[str(tmp_path), str((CORPUS / "algocline-bundled-packages").resolve()),
+                              str((CORPUS / "evalframe").resolve())])
+    assert report["name"] == "say:scenarios.math_basic"
+    assert report["aggregated"]["total"] == 7 and report["aggregated"]["passed"] == 7
+    assert len(w.queries) == 7
