@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as proto
@@ -28,6 +28,7 @@ from .errors import (
     MalformedRequest,
     PoolError,
     RequestTimeout,
+    SessionError,
     SessionRefused,
 )
 from .history import Counts, History, Outcome, counts_from_metrics, counts_from_usage, default_path
@@ -77,7 +78,7 @@ class ConnectionState(str, enum.Enum):
         return str(self.value)
 
 
-@dataclass
+@dataclasses.dataclass
 class Reply:
     """The outcome of one request made through a Connection."""
 
@@ -321,6 +322,38 @@ class Connection:
             await old.shutdown(timeout=5.0)
         old.close()
         self._attach(client, worker, None)
+
+    async def resume(self, *, timeout: float | None = None) -> Session | None:
+        """The worker's paused session as a :class:`Session`, or None if it has none.
+
+        For a worker reached again after a disconnect or a kernel restart
+        (``connect(sid=...)``): the pending queries come from ``status`` with
+        ``include_history`` (the last 10 transcript entries, as algocline reports
+        them), so they carry their id and prompt only.
+        """
+        reply = await self.status(include_history=True, timeout=timeout)
+        data = reply.response.data if reply.response is not None else None
+        if not isinstance(data, proto.StatusData) or not data.has_session or \
+                data.session_id is None or data.extra.get("state", "paused") != "paused":
+            return None
+        entries = data.extra.get("conversation_history")
+        if not isinstance(entries, list):
+            raise SessionError(f"the worker at {self.sock_path} does not report its "
+                               "conversation (status include_history), so its pending "
+                               "queries are unknown; answer with conn.continue_(sid, text, "
+                               "query_id=...)")
+        queries = tuple(proto.Query(entry["query_id"], str(entry.get("prompt", "")))
+                        for entry in entries if isinstance(entry, dict)
+                        and isinstance(entry.get("query_id"), str)
+                        and entry.get("response") is None)
+        if not queries:
+            return None
+        assert reply.response is not None
+        paused = proto.FeedData(data.session_id, proto.Paused(queries))
+        first = dataclasses.replace(reply, response=dataclasses.replace(reply.response,
+                                                                         data=paused))
+        session = self.session = Session(self, first)
+        return session
 
     async def shutdown(self, *, timeout: float | None = None) -> Reply:
         return await self.send(proto.Shutdown(), timeout=timeout)

@@ -18,6 +18,7 @@ from pool_notebook.connections import Connection, ConnectionManager, ConnectionS
 from pool_notebook.errors import (
     InvalidArgument,
     RequestTimeout,
+    SessionError,
     SessionRefused,
     WorkerError,
 )
@@ -198,5 +199,46 @@ def test_respawn_replaces_the_bundled_worker_and_leaves_no_files_behind() -> Non
         assert not os.path.exists(old.log_path) and not os.path.exists(old.sock)
         await conn.shutdown()
         manager.close_all()
+
+    asyncio.run(main())
+
+
+def test_resume_a_paused_session_after_reconnecting_by_sid() -> None:
+    async def main() -> None:
+        manager = ConnectionManager(History(None))
+        first = await manager.connect(name="before")
+        assert await first.resume() is None  # no session yet
+        session = await first.run("local r = alc.llm_batch({{prompt = 'a?'}, {prompt = 'b?'}, "
+                                  "{prompt = 'c?'}})\nreturn table.concat(r, ' ')")
+        await session.answer("A")
+        sid = first.worker_sid
+        manager.disconnect("before")  # like a kernel restart: the paused worker stays
+        again = await manager.connect(sid=sid, name="after")
+        resumed = await again.resume()
+        assert resumed is not None and again.session is resumed
+        assert resumed.id == session.id and resumed.state is SessionState.PAUSED
+        assert [q.prompt for q in resumed.pending] == ["b?", "c?"]
+        await resumed.answer_all(lambda query: query.prompt.upper())
+        assert resumed.result == "A B? C?"
+        assert await again.resume() is None  # finished: nothing to resume
+        await again.shutdown()
+        manager.close_all()
+
+    asyncio.run(main())
+
+
+def test_resume_needs_a_worker_that_reports_its_conversation() -> None:
+    def no_transcript(req: dict[str, Any]) -> Any:
+        if req.get("op") == "status":
+            return [ok({"kind": "status", "has_session": True, "session_id": "s-1"})]
+        return None
+
+    async def main() -> None:
+        async with FakeWorker(no_transcript) as fake:
+            manager = ConnectionManager(History(None))
+            conn = await manager.connect(fake.sock_path)
+            with pytest.raises(SessionError, match="does not report its conversation"):
+                await conn.resume()
+            manager.close_all()
 
     asyncio.run(main())
