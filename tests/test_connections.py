@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from pool_notebook import protocol as proto
-from pool_notebook import spawn
 from pool_notebook.connections import Connection, ConnectionManager, ConnectionState, _Ticket
 from pool_notebook.errors import (
     InvalidArgument,
@@ -36,6 +35,11 @@ def _slow_echo(delays: list[float]) -> Any:
             return None
         return [delays.pop(0), ok({"kind": "echo", "token": req.get("token")})]
     return script
+
+
+def _exit_code(pid: int) -> int:
+    """Wait for our child ``pid`` to exit; its exit code."""
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def test_one_request_object_sent_twice_keeps_each_late_reply_on_its_row(
@@ -177,8 +181,7 @@ def test_a_spawned_one_session_worker_is_replaced_for_the_next_run() -> None:
         rows = conn.history.frame()
         assert rows["op"].tolist() == ["run"] * 3
         assert rows["outcome"].tolist() == ["ok", "worker_error", "ok"]
-        proc = next(p for p in spawn._children if p.pid == old.pid)
-        assert proc.wait(10) == 0  # the old worker was shut down, not left behind
+        assert _exit_code(old.pid) == 0  # the old worker was shut down, not left behind
         await conn.shutdown()
         manager.close_all()
 
@@ -194,8 +197,7 @@ def test_respawn_replaces_the_bundled_worker_and_leaves_no_files_behind() -> Non
         await conn.respawn()
         assert conn.worker is not None and conn.worker.pid != old.pid
         assert (await conn.send("status")).ok and conn.pid == conn.worker.pid
-        proc = next(p for p in spawn._children if p.pid == old.pid)
-        assert proc.wait(10) == 0  # asked to shut down, and it did
+        assert _exit_code(old.pid) == 0  # asked to shut down, and it did
         assert not os.path.exists(old.log_path) and not os.path.exists(old.sock)
         await conn.shutdown()
         manager.close_all()
