@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ class SharedWorker:
     home: Path
     client: PoolClient | None = None
     queries: list[Query] = field(default_factory=list)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
 
     async def connect(self) -> PoolClient:
         if self.client is None:
@@ -61,6 +62,7 @@ class SharedWorker:
                 feed = await client.continue_(feed.session_id, respond(query),
                                               query_id=query.id)
         outcome = feed.feed_result.outcome
+        self.metrics = feed.feed_result.metrics
         if isinstance(outcome, Failed):
             raise LuaFailed(outcome.error)
         assert isinstance(outcome, Completed), outcome

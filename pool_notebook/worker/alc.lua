@@ -6,10 +6,14 @@ local raw_host = ...
 local alc = {}
 
 -- Host functions answer (true, results...) or (false, message): the message becomes a
--- Lua error at the caller's line (no Python exception object ever reaches Lua).
+-- Lua error at the caller's line (no Python exception object ever reaches Lua). They
+-- run with the memory cap lifted (their results are copied into Lua outside a protected
+-- call); settle() puts the cap back as soon as they return.
+local settle = raw_host.settle
 local function guard(f)
   return function(...)
     local r = table.pack(f(...))
+    settle()
     if not r[1] then error(r[2], 2) end
     return table.unpack(r, 2, r.n)
   end
@@ -87,10 +91,15 @@ do
     return id
   end
   local takes_rng = { shuffle = true, sample_with_replacement = true }
+  local names
   local function bind(name)
-    local f = host.math_fn(name)
-    if f == nil then return nil end
-    f = guard(f)
+    if names == nil then
+      names = {}
+      for _, n in ipairs(host.math_names()) do names[n] = true end
+    end
+    if not names[name] then return nil end
+    local call = host.math
+    local function f(...) return call(name, ...) end
     if name == "rng_create" then
       return function(seed)
         local handle = setmetatable({}, rng_mt)
@@ -219,11 +228,14 @@ local function query_of(prompt, opts, fname, level)
   }
 end
 
--- The one place Lua leaves for the host: a batch of queries, answered in order.
+-- The one place Lua leaves for the host: a batch of queries, answered in order
+-- (host.pause validates the batch and raises the host's refusal, e.g. an answer too
+-- big for the memory cap).
+local pause = host.pause
 local function ask(queries)
   local err = budget_error()
   if err then error(err, 3) end
-  return coroutine.yield(queries)
+  return pause(queries)
 end
 
 --- One query; pauses until the host answers.
@@ -571,7 +583,8 @@ function alc.fork(strategies, ctx, opts)
   while next(active) do
     local batch, owners = {}, {}
     for i in pairs(active) do
-      local ok, a = coroutine.resume(children[i], pending[i])
+      -- a child's alc.llm yields (pause tag, queries) through host.pause
+      local ok, a, queries = coroutine.resume(children[i], pending[i])
       pending[i] = nil
       if not ok then
         results[i].ok, results[i].error = false, tostring(a)
@@ -579,8 +592,11 @@ function alc.fork(strategies, ctx, opts)
       elseif coroutine.status(children[i]) == "dead" then
         results[i].ok, results[i].result = true, a
         active[i] = nil
+      elseif type(queries) ~= "table" then
+        results[i].ok, results[i].error = false, "alc.fork: a strategy yielded outside alc.llm"
+        active[i] = nil
       else
-        for _, q in ipairs(a) do
+        for _, q in ipairs(queries) do
           batch[#batch + 1] = q
           owners[#owners + 1] = i
         end

@@ -11,7 +11,6 @@ numerics of ``alc.math`` in :mod:`.mathlib`, text helpers in :mod:`.textops`.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -24,12 +23,16 @@ from .stores import CardStore, StateStore, StoreError
 if TYPE_CHECKING:
     from .runtime import LuaSession
 
+
+def lua_size(value: Any) -> int:
+    """runtime.lua_size: Lua bytes of a JSON-able value (runtime imports this module)."""
+    from .runtime import lua_size as size
+    return size(value)
+
 __all__ = ["host_functions"]
 
-log = logging.getLogger("pool_notebook.worker.lua")
-
-_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
-           "debug": logging.DEBUG}
+#: alc.log's levels (others are logged as info, as algocline does).
+_LEVELS = frozenset({"error", "warn", "info", "debug"})
 
 
 def _opt(table: Any, key: str, kind: type | tuple[type, ...]) -> Any:
@@ -60,23 +63,6 @@ def _lua_type(value: Any) -> str:
     return "table"
 
 
-def _lua_cost(value: Any) -> int:
-    """Bytes ``value`` will take as Lua values (tables, slots, strings), roughly."""
-    total, stack = 0, [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            total += 24 + len(v)
-        elif isinstance(v, dict):
-            total += 56 + 40 * len(v)
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            total += 56 + 16 * len(v)
-            stack.extend(v)
-    return total
-
-
 class _Bridge:
     """The host functions of one session, with the stores and RNGs they share."""
 
@@ -87,36 +73,21 @@ class _Bridge:
                      "scenarios": str(algocline_home() / "scenarios")}
         self.state = StateStore(root / "state")
         self.cards = CardStore(root / "cards")
-        self.math = MathLib()
-        self.stats: dict[str, Any] = {}
-        self.null: Any = getattr(session, "null", None)
+        self.math_lib = MathLib()
 
     # ------------------------------------------------------------------ values
 
     def py(self, value: Any) -> Any:
         """A Lua argument as JSON-able Python (alc.null is None)."""
-        if self.null is not None and value == self.null:
-            return None
         return self.session.to_py(value)
 
     def lua(self, value: Any) -> Any:
-        """JSON-able Python as a Lua value (nested nulls as alc.null)."""
-        return self.session.to_lua(self._nulls(value))
+        """JSON-able Python as a Lua value (None inside containers is alc.null)."""
+        return self.session.to_lua(value)
 
-    def _nulls(self, value: Any) -> Any:
-        if self.null is None:
-            return value
-        if isinstance(value, dict):
-            return {k: self.null if v is None else self._nulls(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.null if v is None else self._nulls(v) for v in value]
-        return value
-
-    def charge(self, value: Any) -> None:
+    def charge(self, value: Any, what: str) -> None:
         """Count data the worker keeps for the session against its memory cap."""
-        charge = getattr(self.session, "charge", None)
-        if charge is not None:
-            charge(len(json.dumps(value, ensure_ascii=False)))
+        self.session.charge(lua_size(value), what)
 
     # ------------------------------------------------------------------ log, json
 
@@ -125,16 +96,11 @@ class _Bridge:
             level, message = "info", level
         self.emit(str(level), str(message))
 
-    def emit(self, level: str, message: str) -> None:
-        sink = getattr(self.session, "emit_log", None)
-        if sink is not None:
-            sink(level, message)
-        else:
-            log.log(_LEVELS.get(level, logging.INFO), "[%s] %s", self.session.session_id,
-                    message)
+    def emit(self, level: str, message: str, source: str = "alc.log") -> None:
+        self.session.emit_log(level if level in _LEVELS else "info", message, source)
 
     def print(self, line: Any) -> None:
-        self.emit("info", str(line).rstrip("\n"))
+        self.emit("info", str(line).rstrip("\n"), "alc.lua.print")
 
     def json_encode(self, value: Any) -> str:
         try:
@@ -150,14 +116,12 @@ class _Bridge:
         except (ValueError, RecursionError) as exc:
             raise ValueError(f"alc.json_decode: {exc}") from None
         self.reserve(value, "alc.json_decode")
-        return self.null if value is None and self.null is not None else self.lua(value)
+        return self.session.null if value is None else self.lua(value)
 
     def reserve(self, value: Any, fname: str) -> None:
         """Refuse, before copying into Lua, a value the session's memory cap cannot hold
         (copying first would abort or thrash the VM at the cap)."""
-        ensure_room = getattr(self.session, "ensure_room", None)
-        if ensure_room is not None:
-            ensure_room(_lua_cost(value), fname)
+        self.session.ensure_room(lua_size(value), fname)
 
     # ------------------------------------------------------------------ state
 
@@ -173,7 +137,7 @@ class _Bridge:
             return self.lua(value)
         if op in ("set", "set_nx"):
             value = self.py(args[0] if args else None)
-            self.charge(value)
+            self.charge(value, f"alc.state.{op}")
             if op == "set":
                 self.state.set(ns, key, value)
                 return None
@@ -198,7 +162,7 @@ class _Bridge:
         second = a[1] if len(a) > 1 else None
         cards = self.cards
         if op == "create":
-            self.charge(first)
+            self.charge(first, "alc.card.create")
             card_id, path = cards.create(first)
             return self.lua({"card_id": card_id, "path": path})
         if op in ("list", "alias_list"):
@@ -229,7 +193,7 @@ class _Bridge:
             self.reserve(card, f"alc.card.{op}")
             return self.lua(card)
         if op == "append":
-            self.charge(second)
+            self.charge(second, "alc.card.append")
             return self.lua(cards.append(card_id, second))
         if op == "alias_set":
             opts = a[2] if len(a) > 2 else None
@@ -237,7 +201,7 @@ class _Bridge:
             return self.lua(cards.alias_set(card_id, target, _opt(opts, "pkg", str),
                                             _opt(opts, "note", str)))
         if op == "write_samples":
-            self.charge(second)
+            self.charge(second, "alc.card.write_samples")
             path, count = cards.write_samples(card_id, second)
             return self.lua({"path": path, "count": count})
         if op == "read_samples":
@@ -252,40 +216,23 @@ class _Bridge:
 
     def stats_record(self, key: Any, value: Any) -> None:
         converted = self.py(value)
-        self.charge(converted)
-        self.stats[_text(key, "alc.stats.record", "key")] = converted
+        self.charge(converted, "alc.stats.record")
+        self.session.stats[_text(key, "alc.stats.record", "key")] = converted
 
     def stats_get(self, key: Any) -> Any:
-        return self.lua(self.stats.get(_text(key, "alc.stats.get", "key")))
-
-    def counters(self) -> tuple[int, int, int]:
-        """(llm calls, elapsed ms, tokens) of the session, for ctx.budget."""
-        s = self.session
-        usage = s.usage
-        tokens = usage.get("total_tokens") or \
-            usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
-        return s.queries, int(s.metrics()["wall_ms"]), int(tokens)
+        return self.lua(self.session.stats.get(_text(key, "alc.stats.get", "key")))
 
     def progress(self, step: Any, total: Any, message: Any = None) -> None:
         for name, v in (("step", step), ("total", total)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"alc.progress: {name} must be a non-negative integer")
-        setter = getattr(self.session, "set_progress", None)
-        text = None if message is None else str(message)
-        if setter is not None:
-            setter(int(step), int(total), text)
-        else:
-            self.emit("info", f"progress {int(step)}/{int(total)}" + (f": {text}" if text else ""))
+        self.session.set_progress(int(step), int(total), None if message is None else str(message))
 
-    def math_fn(self, name: Any) -> Callable[..., Any] | None:
-        """The guarded ``alc.math.<name>``, or None when mlua-mathlib has no such name."""
+    def math(self, name: Any, *args: Any) -> Any:
+        """``alc.math.<name>(args...)``."""
         if name not in MathLib.NAMES:
-            return None
-        fn = getattr(self.math, name)
-
-        def call(*args: Any) -> Any:
-            return self.lua(fn(*(self.py(a) for a in args)))
-        return _guarded(f"alc.math.{name}", call)
+            raise ValueError(f"alc.math.{name}: no such function")
+        return self.lua(getattr(self.math_lib, name)(*(self.py(a) for a in args)))
 
     def chunk(self, text: Any, opts: Any = None) -> Any:
         o = self.py(opts)
@@ -312,7 +259,7 @@ class _Bridge:
 
     def _functions(self) -> dict[str, Any]:
         return {
-            "null": self.null,
+            "null": self.session.null,
             "log": self.log,
             "print": self.print,
             "json_encode": self.json_encode,
@@ -321,14 +268,15 @@ class _Bridge:
             "card": self.card_op,
             "stats_record": self.stats_record,
             "stats_get": self.stats_get,
-            "counters": self.counters,
+            "counters": self.session.counters,
             "progress": self.progress,
             "chunk": self.chunk,
             "match_enum": self.match_enum,
             "match_bool": lambda text: textops.match_bool(_text(text, "alc.match_bool", "text")),
             "time": time.time,
             "dirs": lambda: self.lua(self.dirs),
-            "math_fn": self.math_fn,
+            "math": self.math,
+            "math_names": lambda: self.lua(sorted(MathLib.NAMES)),
         }
 
 
