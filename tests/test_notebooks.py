@@ -37,12 +37,14 @@ def _pngs_of_plot_cells(nb: nbformat.NotebookNode) -> list[int]:
 
 def test_quickstart_runs_and_shows_widgets_and_history(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POOL_NOTEBOOK_WIDGETS", "1")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # no network in tests: the stand-in
     nb = _execute("quickstart.ipynb")
     outputs = _outputs(nb)
     assert any("worker version" in o and PROTOCOL_VERSION in o for o in outputs)
     assert any("application/vnd.jupyter.widget-view+json" in o for o in outputs)
     assert any("What is 2 + 2?" in o for o in outputs)
     assert any("blue apple" in o for o in outputs)
+    assert any("answering with a deterministic stand-in" in o for o in outputs)
     assert any("p50_ms" in o for o in outputs)
     assert _pngs_of_plot_cells(nb) == [1]  # drawn once
     failed = next(c for c in nb.cells if "error('boom from Lua')" in c.source)
