@@ -2,11 +2,12 @@
 
 1. client (bench_client.py): status round trip, ours before/after on asyncio and uvloop vs
    a blocking ``socket`` client vs naive asyncio streams, and a 16-way fan-out;
-2. the bundled worker: spawn-to-ready, and status round trip through our client;
+2. the bundled worker (bench_worker.py): spawn-to-ready and status round trip, before/after;
 3. magics: %%pool_send overhead over the bare client, display cost, 64-worker fan-out;
 4. history: recording cost per request, 1,000,000 rows -> DataFrame time and bytes/row.
 5. llm (bench_llm.py): a 64-query pause answered concurrently vs one at a time.
-Parts: client, worker, magics, history, llm (default: all).
+6. soak (soak.py): one worker under 10 minutes of mixed load, RSS over time (not in "all").
+Parts: client, worker, magics, history, llm, soak (default: all but soak).
 Medians and p99 over interleaved rounds (the machines here are noisy).
 """
 
@@ -25,34 +26,12 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pool_notebook.history import History
-from pool_notebook.spawn import spawn_and_connect
 
 N = 2000
 ROUNDS = 5
 def _pct(samples: list[float]) -> tuple[float, float]:
     s = sorted(samples)
     return statistics.median(s) * 1e6, s[int(len(s) * 0.99)] * 1e6
-
-
-async def _worker() -> None:
-    spawn_times = []
-    rtts: list[float] = []
-    for _ in range(5):
-        t = time.perf_counter()
-        client, _w = await spawn_and_connect()
-        spawn_times.append(time.perf_counter() - t)
-        async with client:
-            for _ in range(N):
-                t = time.perf_counter()
-                await client.status()
-                rtts.append(time.perf_counter() - t)
-            await client.shutdown()
-    a, b = _pct(rtts)
-    print("\n## bundled worker\n")
-    print(f"spawn-to-ready (spawn + socket + handshake): median "
-          f"{statistics.median(spawn_times) * 1000:.0f} ms over 5 (target <= 300 ms)")
-    print(f"status round trip through PoolClient: p50 {a:.1f} µs, p99 {b:.1f} µs, "
-          f"{1e6 / a:,.0f} req/s on one connection (target >= 10k req/s)")
 
 
 def magics_bench() -> None:
@@ -216,8 +195,10 @@ if __name__ == "__main__":
     os.environ.setdefault("POOL_NOTEBOOK_HOME", tempfile.mkdtemp(prefix="pnb-home-"))
     os.environ.setdefault("POOL_NOTEBOOK_HISTORY", "off")
     parts = {"client": lambda: __import__("bench_client").main([]),
-             "worker": lambda: asyncio.run(_worker()),
+             "worker": lambda: __import__("bench_worker").main(),
              "magics": magics_bench, "history": history_bench}
     parts["llm"] = lambda: __import__("bench_llm").main()  # model responders (issue 10)
-    for name in sys.argv[1:] or parts:
+    parts["runtime"] = lambda: __import__("bench_runtime").main()  # Lua sessions (issue 12)
+    parts["soak"] = lambda: __import__("soak").main()  # one worker, mixed load (issue 8)
+    for name in sys.argv[1:] or [p for p in parts if p != "soak"]:
         parts[name]()

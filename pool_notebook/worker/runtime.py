@@ -15,6 +15,7 @@ Methods here block; the server calls them from its one Lua thread, except
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -346,7 +347,7 @@ class LuaSession:
         )
         g = self._lua.globals()
         g.python = None
-        self._driver = self._lua.execute(_DRIVER, self._is_interrupted, self._settle)
+        self._driver = self._lua.execute(_chunk("driver"), self._is_interrupted, self._settle)
         self._arrays = self._driver.arrays
         self._mark_array: Callable[[Any], Any] = self._driver.mark_array
         self.null = self._driver.null
@@ -359,8 +360,7 @@ class LuaSession:
         host.array = self._driver.mark_array
         host.pause = self._driver.pause
         host.settle = self._driver.settle
-        prelude = resources.files(__package__).joinpath("alc.lua").read_text("utf-8")
-        g.alc = self._lua.execute(prelude, host)
+        g.alc = self._lua.execute(_chunk("alc"), host)
         self._settle()
         if session_id is not None:
             self.bind(session_id, code, ctx=ctx, lib_paths=lib_paths)
@@ -768,6 +768,19 @@ def _usage(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
 def _utf8_len(text: str) -> int:
     """Bytes of ``text`` in UTF-8 (algocline counts chars as Rust's ``len()``: bytes)."""
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+@functools.cache
+def _chunk(name: str) -> bytes:
+    """The driver or the ``alc`` prelude (``alc.lua``) compiled once per process:
+    loading bytecode into each new VM is several times cheaper than parsing it.
+    Chunk names are ``<driver>``/``<alc>`` (runtime-internal in tracebacks)."""
+    source = (_DRIVER if name == "driver" else
+              resources.files(__package__).joinpath("alc.lua").read_text("utf-8"))
+    compiler = _lua.LuaRuntime(encoding=None)
+    dump = compiler.eval("function(s, n) return string.dump(assert(load(s, n, 't'))) end")
+    code: bytes = dump(source.encode("utf-8"), f"=<{name}>".encode())
+    return code
 
 
 def _not_utf8(exc: UnicodeDecodeError) -> ValueError:

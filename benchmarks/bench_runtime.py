@@ -1,0 +1,196 @@
+"""Lua session cost: warm VMs, a real package against bare lupa, and the worker's wire.
+
+``python benchmarks/run.py runtime`` (or ``python benchmarks/bench_runtime.py
+[--before REF] [--rounds N]``). Medians over interleaved rounds:
+
+1. in process: a session of ``return 1`` on a cold VM (``LuaSession(...)``:
+   runtime, driver, sandbox and ``alc`` prelude built per session) against a
+   warm one (``SessionFactory.new``, the VM built ahead by ``prewarm``), and a
+   pause+continue on a warm VM (target: a session starts in <= 200 µs);
+2. the ``cot`` package (depth 3, four instant answers) as our session (warm VM,
+   sandbox on) against the same Lua in a bare ``lupa`` runtime whose ``alc.llm``
+   is an in-process stub returning the answer, with the bare runtime built
+   inside the timing (what a fresh VM costs) and outside it (target: ours <= 1.2x);
+3. through a real worker over its socket, before (git ``REF``) and after (the
+   working tree): ``run`` of ``return 1``, and ``run`` + ``continue`` of one
+   ``alc.llm`` call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from lupa import lua54
+
+from pool_notebook.protocol import Paused
+from pool_notebook.spawn import spawn_and_connect
+from pool_notebook.worker.runtime import LuaSession, SessionFactory
+
+CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
+PACKAGES = CORPUS / "algocline-bundled-packages"
+COT = 'return require("cot").run({task = "Why is the sky blue?", depth = 3})'
+ANSWER = "Light scatters off molecules; shorter wavelengths scatter more."
+DEFAULT_BEFORE = "81264a7"  # the worker before the runtime work (a fresh VM per session)
+N = 300
+
+# The bare baseline: lupa, the package path, and alc.llm answering in process.
+_BARE = """
+alc = {}
+function alc.llm(prompt, opts) return ANSWER end
+function alc.log() end
+return function(code) return load(code, "=run", "t")() end
+"""
+
+
+def _median_us(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e6
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _drive(session: LuaSession) -> Any:
+    step = session.start()
+    while step.kind == "paused":
+        for q in step.queries:
+            step = session.answer(q["id"], ANSWER)
+    if step.kind != "done":
+        raise RuntimeError(f"session failed: {step.error}")
+    return step.result
+
+
+def _bare_runtime() -> Callable[[str], Any]:
+    lua = lua54.LuaRuntime(unpack_returned_tuples=True)
+    lua.globals().ANSWER = ANSWER
+    lua.globals().package.path = f"{PACKAGES}/?.lua;{PACKAGES}/?/init.lua;" + \
+        lua.globals().package.path
+    run: Callable[[str], Any] = lua.execute(_BARE)
+    return run
+
+
+def in_process(rounds: int, n: int) -> None:
+    factory = SessionFactory()
+    cold: list[float] = []
+    warm: list[float] = []
+    pause: list[float] = []
+    for _ in range(rounds):
+        for _ in range(n):
+            cold.append(_time(lambda: _drive(LuaSession("s-b", "return 1"))))
+            factory.prewarm()
+            warm.append(_time(lambda: _drive(factory.new("s-b", "return 1"))))
+            factory.prewarm()
+            pause.append(_time(lambda: _drive(factory.new("s-b", "return alc.llm('q')"))))
+    build = []
+    for _ in range(n):
+        factory.new("s-b", "")  # takes the ready VM, so prewarm builds one
+        build.append(_time(factory.prewarm))
+    print("\n## Lua session, in process (start + run + metrics; "
+          f"{rounds} rounds x {n} interleaved)\n")
+    print("| session | p50 µs |")
+    print("|---|---|")
+    print(f"| `return 1`, cold VM (built per session) | {_median_us(cold):.0f} |")
+    print(f"| `return 1`, warm VM (SessionFactory) | {_median_us(warm):.0f} |")
+    print(f"| pause + continue, warm VM | {_median_us(pause):.0f} |")
+    print(f"| building one VM (prewarm, off the request path) | {_median_us(build):.0f} |")
+    print(f"\nwarm start {_median_us(warm):.0f} µs (target <= 200 µs); "
+          f"cold/warm = {_median_us(cold) / _median_us(warm):.1f}x")
+
+
+def cot(rounds: int, n: int) -> None:
+    if not PACKAGES.is_dir():
+        print(f"\n(cot skipped: {PACKAGES} is absent)")
+        return
+    factory = SessionFactory()
+    ours: list[float] = []
+    bare_fresh: list[float] = []
+    bare_built: list[float] = []
+    libs = [str(PACKAGES)]
+    for _ in range(rounds):
+        for _ in range(n):
+            factory.prewarm()
+            ours.append(_time(lambda: _drive(factory.new("s-b", COT, lib_paths=libs))))
+            bare_fresh.append(_time(lambda: _bare_runtime()(COT)))
+            run = _bare_runtime()
+            bare_built.append(_time(lambda: run(COT)))  # noqa: B023 - called at once
+    print(f"\n## `cot` (depth 3, 4 instant answers), {rounds} rounds x {n} interleaved\n")
+    print("| runner | p50 µs | ours / it |")
+    print("|---|---|---|")
+    o = _median_us(ours)
+    print(f"| ours: warm VM, sandbox, alc prelude, pauses | {o:.0f} | 1.00x |")
+    for name, samples in (("bare lupa, runtime built in the timing", bare_fresh),
+                          ("bare lupa, runtime built beforehand", bare_built)):
+        print(f"| {name} | {_median_us(samples):.0f} | {o / _median_us(samples):.2f}x |")
+    print("\ntarget: ours <= 1.2x the bare runtime")
+
+
+async def _wire_one(tree: Path | None, version: str, n: int) -> tuple[list[float], list[float]]:
+    env = {"PYTHONPATH": str(tree)} if tree else None
+    client, _w = await spawn_and_connect(env=env, version=version)
+    runs: list[float] = []
+    pauses: list[float] = []
+    async with client:
+        for _ in range(n):
+            t = time.perf_counter()
+            await client.run("return 1")
+            runs.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            feed = await client.run("return alc.llm('q')")
+            assert isinstance(feed.feed_result, Paused)
+            await client.continue_(feed.session_id, ANSWER)
+            pauses.append(time.perf_counter() - t)
+        await client.shutdown()
+    return runs, pauses
+
+
+async def wire(before_ref: str, rounds: int, n: int) -> None:
+    from bench_worker import _extract, _version  # the worker benchmark's tree helpers
+
+    trees = {"before": _extract(before_ref), "after": None}
+    versions = {name: _version(tree) for name, tree in trees.items()}
+    runs: dict[str, list[float]] = {name: [] for name in trees}
+    pauses: dict[str, list[float]] = {name: [] for name in trees}
+    for _ in range(rounds):
+        for name, tree in trees.items():
+            r, p = await _wire_one(tree, versions[name], n)
+            runs[name].extend(r)
+            pauses[name].extend(p)
+    print(f"\n## through a real worker (before = {before_ref}, after = working tree; "
+          f"{rounds} interleaved rounds x {n})\n")
+    print("| worker | run `return 1` p50 µs | run + continue p50 µs |")
+    print("|---|---|---|")
+    for name in trees:
+        print(f"| {name} | {_median_us(runs[name]):.0f} | {_median_us(pauses[name]):.0f} |")
+    print(f"\nrun before/after = {_median_us(runs['before']) / _median_us(runs['after']):.2f}x, "
+          f"pause+continue before/after = "
+          f"{_median_us(pauses['before']) / _median_us(pauses['after']):.2f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", default=DEFAULT_BEFORE, help="git ref of 'before'")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("-n", type=int, default=N, help="sessions per round and runner")
+    opts = parser.parse_args(argv if argv is not None else [])
+    os.environ.setdefault("POOL_NOTEBOOK_HOME", tempfile.mkdtemp(prefix="pnb-home-"))
+    in_process(opts.rounds, opts.n)
+    cot(opts.rounds, max(opts.n // 3, 1))
+    asyncio.run(wire(opts.before, opts.rounds, opts.n))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
