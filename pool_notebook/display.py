@@ -56,10 +56,8 @@ _COLORS = {"ok": _GREEN, "completed": _GREEN, "paused": _AMBER, "accepted": _AMB
            "failed": _RED, "cancelled": _GREY, "late_reply": _GREY}
 
 
-def widgets_enabled(setting: bool | None = None) -> bool:
-    """Widgets unless turned off (``POOL_NOTEBOOK_WIDGETS=0`` or the magics' config)."""
-    if setting is not None:
-        return setting
+def widgets_enabled() -> bool:
+    """Widgets unless ``POOL_NOTEBOOK_WIDGETS`` is 0/false/off (the magics' config can too)."""
     return os.environ.get("POOL_NOTEBOOK_WIDGETS", "1").lower() not in ("0", "false", "off")
 
 

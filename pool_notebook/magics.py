@@ -167,7 +167,7 @@ class PoolMagics(Magics):
             return manager.get(name)
 
     def _widgets(self) -> bool:
-        return widgets_enabled(None) and self.widgets
+        return widgets_enabled() and self.widgets
 
     def _expand(self, cell: str) -> str:
         """``{name}`` -> the user variable's value, as IPython does for magic lines.
