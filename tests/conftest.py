@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,7 @@ from typing import Any
 import pytest
 
 from pool_notebook import spawn
+from pool_notebook._version import PROTOCOL_VERSION
 from pool_notebook.registry import Registry
 
 
@@ -39,6 +45,105 @@ def pool_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
             child.kill()
             child.wait()
     shutil.rmtree(home, ignore_errors=True)
+
+
+# ------------------------------------------- the bundled worker as a bare subprocess
+
+
+class RawConnection:
+    """A blocking client socket speaking JSON lines (no PoolClient in between)."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, obj: dict[str, Any] | bytes) -> None:
+        self.sock.sendall(obj if isinstance(obj, bytes) else json.dumps(obj).encode() + b"\n")
+
+    def recv(self) -> Any:
+        line = self.file.readline()
+        assert line.endswith(b"\n"), f"connection closed (got {line[:200]!r})"
+        return json.loads(line)
+
+    def ask(self, obj: dict[str, Any] | bytes) -> Any:
+        self.send(obj)
+        return self.recv()
+
+    def hello(self, version: str = PROTOCOL_VERSION) -> Any:
+        return self.ask({"op": "handshake", "version": version})
+
+    def at_eof(self) -> bool:
+        return self.file.readline() == b""
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class WorkerProc:
+    """``python -m pool_notebook.worker`` on a socket in a fresh 0700 directory."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 sock_dir: Path | None = None) -> None:
+        self.dir = sock_dir or Path(tempfile.mkdtemp(prefix="pnw-", dir="/tmp"))
+        self.sock = str(self.dir / "w.sock")
+        self.sid = f"p-test-{os.getpid()}-{time.monotonic_ns()}"
+        fd, log = tempfile.mkstemp(prefix="pnw-", suffix=".log", dir="/tmp")
+        self.log = Path(log)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pool_notebook.worker", "--sid", self.sid,
+             "--sock", self.sock, "--registry", str(self.dir / "registry.json"), *args],
+            env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd)
+        os.close(fd)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.sock) and self.proc.poll() is None:
+            assert time.monotonic() < deadline, "the worker did not create its socket"
+            time.sleep(0.01)
+
+    def connect(self, greet: bool = True) -> RawConnection:
+        conn = RawConnection(self.sock)
+        if greet:
+            reply = conn.hello()
+            assert reply["ok"] is True, reply
+        return conn
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS line")
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.log.unlink(missing_ok=True)
+        if self.dir.name.startswith("pnw-"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def start_worker() -> Iterator[Callable[..., WorkerProc]]:
+    """Start bundled workers as subprocesses; every one is killed afterwards."""
+    started: list[WorkerProc] = []
+
+    def start(*args: str, env: dict[str, str] | None = None,
+              sock_dir: Path | None = None) -> WorkerProc:
+        worker = WorkerProc(*args, env=env, sock_dir=sock_dir)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
 
 
 # ---------------------------------------------- event loops: asyncio and uvloop
