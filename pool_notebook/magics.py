@@ -421,10 +421,11 @@ class PoolMagics(Magics):
             df = df.tail(args.last)
         if args.plot:  # shown here, once, with or without a trailing ";"
             try:
-                display(history_figure(df))
-            except ImportError:
-                raise UsageError("--plot needs matplotlib: pip install "
-                                 "'pool-notebook[plot]'") from None
+                figure = history_figure(df)
+            except ImportError as exc:
+                raise ImportError("%pool_history --plot needs matplotlib: pip install "
+                                  "'pool-notebook[plot]'") from exc
+            display(figure)
             return None
         return summary(df) if args.summary else df
 
