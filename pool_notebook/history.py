@@ -24,7 +24,7 @@ import threading
 import types
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
 from pathlib import Path
 from types import FrameType
@@ -124,6 +124,28 @@ _RESULT_FIELDS = tuple(_KEY_COLUMNS.index(c) for c in
 
 _RowKey = tuple[str | bool | None, ...]
 
+#: A new row's numbers, in the order of _INSERT_ROW's parameters.
+_ROW_FIELDS = ("seq", "worker_pid", "sent_ns", "latency_ms", "request_bytes", "response_bytes",
+               *_COUNT_COLUMNS)
+_INSERT_KEY = (f"INSERT OR REPLACE INTO temp.row_keys VALUES "
+               f"({', '.join('?' * (len(_KEY_COLUMNS) + 3))})")
+_INSERT_ROW = (f"INSERT OR REPLACE INTO requests ({', '.join(_SQL_COLUMNS)}) SELECT "
+               + ", ".join(f"?{_ROW_FIELDS.index(c) + 1}" if c in _ROW_FIELDS else f"k.{c}"
+                           for c in _SQL_COLUMNS)
+               + f" FROM temp.row_keys AS k WHERE k.kid = ?{len(_ROW_FIELDS) + 1}")
+_INSERT_WIDE = (f"INSERT OR REPLACE INTO requests ({', '.join(_SQL_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(_SQL_COLUMNS))})")
+
+
+class _Batch(NamedTuple):
+    """One write: rows up to ``count``, keys up to ``key_count``."""
+
+    row_count: int
+    key_count: int
+    keys: list[tuple[Any, ...]]  # (kid, kernel_session, *key): keys new since the last write
+    rows: list[tuple[Any, ...]]  # (*_ROW_FIELDS, kid) of rows new since the last write
+    updated: list[tuple[Any, ...]]  # whole rows rewritten by update() after their write
+
 #: Seconds between background writes (a row reaches SQLite within about this long).
 WRITE_INTERVAL = 0.5
 
@@ -133,7 +155,7 @@ def _plain(value: str | bool | None) -> str | bool | None:
     return str(value) if isinstance(value, str) else value
 
 
-def _nullable(column: tuple[int, ...]) -> Iterable[int | None]:
+def _nullable(column: Sequence[int]) -> Iterable[int | None]:
     """A counts column for SQL: -1 (not reported) becomes NULL."""
     if max(column, default=-1) < 0:
         return repeat(None, len(column))
@@ -179,7 +201,7 @@ class History:
         self._kid = array.array("i")
         self._latency = array.array("d")  # appended last: its length is the row count
         self._keys: list[_RowKey] = []
-        self._plain_keys: list[_RowKey] = []  # the writer's str-only copy of _keys
+        self._keys_sent = 0  # row keys already in the writer's temp table
         self._key_ids: dict[_RowKey, int] = {}
         self._flushed = 0
         self._dirty: set[int] = set()
@@ -364,58 +386,57 @@ class History:
             for column in _SQL_COLUMNS:  # files written by an older version
                 if column not in have:
                     db.execute(f"ALTER TABLE requests ADD COLUMN {column} {types[column]}")
+            db.execute(f"CREATE TEMP TABLE row_keys (kid INTEGER PRIMARY KEY, kernel_session, "
+                       f"{', '.join(_KEY_COLUMNS)}, replayed)")
             self._db = db
         return self._db
 
-    def _snapshot(self) -> tuple[int, list[tuple[Any, ...]]]:
-        """Rows recorded or updated since the last write, as SQL tuples.
+    def _snapshot(self) -> _Batch:
+        """What the writer must send: new row keys, new rows (numbers), updated rows.
 
-        New rows are converted column-wise (``zip`` over array slices, in C): the
-        writer holds the GIL for well under a microsecond per row.
+        New rows are only numbers and a key id, zipped from array slices in C; their
+        strings go once per distinct key into a temporary table that the INSERT
+        joins, so the writer holds the GIL for about a microsecond per row.
         """
         with self._lock:
             lo, n = self._flushed, len(self)
             updated = sorted(seq for seq in self._dirty if seq < lo)
             self._dirty.clear()
-            rows = [tuple(row[c] for c in _SQL_COLUMNS) for row in map(self.row, updated)]
-            for key in self._keys[len(self._plain_keys):]:
-                self._plain_keys.append(tuple(map(_plain, key)))
-            columns = list(zip(*map(self._plain_keys.__getitem__, self._kid[lo:n]),
-                               strict=True))
-            if not columns:
-                return n, rows
-            (conn, sock, version, op, session, query, outcome, error_type, error_message,
-             feed, replayed) = columns
-            counts = list(zip(*map(self._counts.get, range(lo, n), repeat(_NO_COUNTS, n - lo)),
-                              strict=True))
-            new = zip(range(lo, n), repeat(self.kernel_session), conn, sock, self._pid[lo:n],
-                      version, op, session, query, self._sent[lo:n], self._latency[lo:n],
-                      outcome, error_type, error_message, self._req[lo:n], self._resp[lo:n],
-                      feed, *map(_nullable, counts), replayed, strict=False)
-        rows.extend(new)
-        return n, rows
+            wide = [tuple(row[c] for c in _SQL_COLUMNS) for row in map(self.row, updated)]
+            keys = [(kid, self.kernel_session, *map(_plain, key)) for kid, key in
+                    enumerate(self._keys[self._keys_sent:], self._keys_sent)]
+            if self._counts:
+                got = list(map(self._counts.get, range(lo, n), repeat(_NO_COUNTS)))
+                counts = [_nullable([c[j] for c in got]) for j in range(4)]
+            else:
+                counts = [repeat(None)] * 4
+            rows = list(zip(range(lo, n), self._pid[lo:n], self._sent[lo:n],
+                            self._latency[lo:n], self._req[lo:n], self._resp[lo:n], *counts,
+                            self._kid[lo:n], strict=False))
+        return _Batch(n, len(self._keys), keys, rows, wide)
 
     def _write(self) -> int:
         """Writer thread: copy pending rows to SQLite; returns how many were written."""
-        n, rows = self._snapshot()
-        if rows:
-            marks = ", ".join("?" * len(_SQL_COLUMNS))
+        batch = self._snapshot()
+        if batch.rows or batch.updated:
             try:
                 db = self._connect()
-                with db:
-                    db.executemany(f"INSERT OR REPLACE INTO requests "
-                                   f"({', '.join(_SQL_COLUMNS)}) VALUES ({marks})", rows)
+                with db:  # one transaction: all of it, or nothing (and a retry)
+                    db.executemany(_INSERT_KEY, batch.keys)
+                    db.executemany(_INSERT_ROW, batch.rows)
+                    db.executemany(_INSERT_WIDE, batch.updated)
             except (sqlite3.Error, OSError) as exc:
                 if not self._failing:  # once per streak, not every interval
                     log.warning("pool_notebook history: cannot write %s (%s); rows are kept "
                                 "and retried", self.path, exc)
                 self._failing = True
                 with self._lock:
-                    self._dirty.update(row[0] for row in rows)
+                    self._dirty.update(row[0] for row in batch.updated)
                 return 0
+            self._keys_sent = batch.key_count
         self._failing = False
-        self._flushed = n
-        return len(rows)
+        self._flushed = batch.row_count
+        return len(batch.rows) + len(batch.updated)
 
     def _run_writer(self) -> None:
         while True:
@@ -476,6 +497,7 @@ class History:
         if self._db is not None:
             self._db.close()
             self._db = None
+            self._keys_sent = 0  # the temp table went with the connection
 
 
 _live: weakref.WeakSet[History] = weakref.WeakSet()

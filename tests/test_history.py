@@ -140,6 +140,23 @@ def test_sqlite_keeps_every_kernel_session(tmp_path: Path) -> None:
     assert History(None).flush() == 0  # persistence off: nothing written
 
 
+def test_recording_goes_on_after_close_with_every_string_in_place(tmp_path: Path) -> None:
+    h = History(tmp_path / "h.sqlite", kernel_session="k")
+    _add(h, "run")
+    _add(h, "status")
+    h.close()  # the writer and its connection go; the next record starts them again
+    _add(h, "status")  # a key written before the close
+    _add(h, "shutdown", Outcome.CLIENT_ERROR)  # a new one
+    h.close()
+    with sqlite3.connect(tmp_path / "h.sqlite") as db:
+        rows = db.execute("SELECT seq, kernel_session, connection, socket, op, outcome, "
+                          "session_id FROM requests ORDER BY seq").fetchall()
+    assert rows == [(0, "k", "w0", "/s.sock", "run", "ok", "s-1"),
+                    (1, "k", "w0", "/s.sock", "status", "ok", "s-1"),
+                    (2, "k", "w0", "/s.sock", "status", "ok", "s-1"),
+                    (3, "k", "w0", "/s.sock", "shutdown", "client_error", "s-1")]
+
+
 def test_file_from_an_older_version_gains_the_new_columns(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as db:  # the table as the previous release created it
