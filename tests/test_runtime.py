@@ -344,6 +344,22 @@ def test_warm_sessions_share_nothing() -> None:
     assert first.answer("q-0", "still mine").result == "still mine"
 
 
+def test_fork_children_share_the_cap_and_the_interrupt() -> None:
+    parent = LuaSession("s-p", "return 1", max_memory=16 * MiB, lib_paths=["/nonexistent"])
+    child = parent.child()
+    assert child.state == "idle" and child.max_memory == parent.max_memory
+    child.bind("s-p/fork-1", "local keep = {} for i = 1, 9 do keep[i] = ('x'):rep(2^20 - 64)"
+               " .. i end return alc.llm('q')", lib_paths=parent.lib_paths)
+    assert child.lib_paths == ("/nonexistent",)
+    assert child.start().kind == "paused"  # the child now holds ~9 MiB of the family's 16
+    big = parent.child()
+    big.bind("s-p/fork-2", "local t = {} for i = 1, 9 do t[i] = ('x'):rep(2^20 - 64) .. i end")
+    step = big.start()
+    assert step.kind == "error" and "not enough memory" in (step.error or "")
+    parent.interrupt("parent stopped")
+    assert child.answer("q-0", "a").error == "interrupted: parent stopped"
+
+
 @pytest.mark.skipif(not (CORPUS / "algocline-bundled-packages").is_dir(),
                     reason="the pinned corpus ../shared/corpus is absent")
 def test_a_real_package_runs_on_a_warm_vm() -> None:

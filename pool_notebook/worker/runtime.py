@@ -166,10 +166,6 @@ function D.resume(value)
   if not ok then return "error", D.clean(tostring(a)) end
   if status(co) == "suspended" then
     if a == PAUSE then return "paused", b end
-    -- TRANSITION until alc.lua pauses through host.pause: its plain yield of queries
-    if type(a) == "table" and type(a[1]) == "table" and type(a[1].prompt) == "string" then
-      return "paused", a
-    end
     return "yield", nil
   end
   if a then return "done", { b } end
@@ -325,6 +321,10 @@ class LuaSession:
         self.pending: dict[str, dict[str, Any]] = {}
         self.answers: dict[str, str] = {}
         self.max_memory = max_memory
+        self.lib_paths: tuple[str, ...] = ()
+        self._allow_env = frozenset(allow_env)
+        self._parent: LuaSession | None = None
+        self._children: list[LuaSession] = []
         self._charged = 0
         self._interrupted: str | None = None
         self._failure: str | None = None
@@ -352,7 +352,7 @@ class LuaSession:
         self._mark_array: Callable[[Any], Any] = self._driver.mark_array
         self.null = self._driver.null
         self._sandbox = (install_sandbox(self._lua, SandboxPolicy(
-            allow_env=frozenset(allow_env), log=self._sandbox_log)) if sandbox else None)
+            allow_env=self._allow_env, log=self._sandbox_log)) if sandbox else None)
         host = self._lua.table()
         for name, value in natives.host_functions(self).items():
             is_python = _lua.lua_type(value) is None and callable(value)
@@ -373,6 +373,7 @@ class LuaSession:
         if self.state != "idle":
             raise InvalidArgument("a LuaSession runs one session; build a new one")
         self.session_id, self._code, self.state = session_id, code, "running"
+        self.lib_paths = tuple(lib_paths)
         self._started = time.perf_counter()
         if self._sandbox is not None:
             self._sandbox.add_lib_paths(lib_paths)
@@ -393,8 +394,8 @@ class LuaSession:
         try:
             if self._failure is not None:
                 return self._fail(self._failure)
-            if self._interrupted is not None:
-                return self._fail(f"interrupted: {self._interrupted}")
+            if self._stop_reason is not None:
+                return self._fail(f"interrupted: {self._stop_reason}")
             self.ensure_room(_utf8_len(self._code), "the code")
             loaded = self._lua.globals().load(self._code, "=run", "t")
             self._settle()
@@ -428,8 +429,8 @@ class LuaSession:
             raise ContinueRejected(f"already responded to query_id: {query_id}")
         prompt_tokens, completion_tokens = _usage(usage)
         try:
-            if self._interrupted is not None:
-                return self._fail(f"interrupted: {self._interrupted}")
+            if self._stop_reason is not None:
+                return self._fail(f"interrupted: {self._stop_reason}")
             self.answers[query_id] = response
             self._record_answer(query_id, response, prompt_tokens, completion_tokens)
             remaining = len(self.pending) - len(self.answers)
@@ -441,8 +442,17 @@ class LuaSession:
 
     def interrupt(self, reason: str) -> None:
         """Stop this session (any thread): running Lua fails within a hook period
-        (~1 ms); a paused session fails at its next ``continue``."""
+        (~1 ms); a paused session fails at its next ``continue``; its children too."""
         self._interrupted = reason
+
+    def child(self) -> LuaSession:
+        """A fresh VM for ``alc.fork`` (unbound): this session's sandbox and
+        environment, inside this session's memory cap, stopped with it."""
+        child = LuaSession(sandbox=self._sandboxed, max_memory=self.max_memory,
+                           allow_env=self._allow_env)
+        child._parent = self
+        self._children.append(child)
+        return child
 
     # -------------------------------------------------------------- observation
 
@@ -588,8 +598,8 @@ class LuaSession:
             kind, payload = self._driver.resume(value)
         except _lua.LuaError as exc:  # the driver itself failed (e.g. a bad __tostring)
             kind, payload = "error", str(exc)
-        if self._interrupted is not None:
-            return self._fail(f"interrupted: {self._interrupted}")
+        if self._stop_reason is not None:
+            return self._fail(f"interrupted: {self._stop_reason}")
         if kind == "paused":
             return self._pause(payload)
         if kind == "yield":
@@ -688,27 +698,53 @@ class LuaSession:
         self.state = "completed" if step.kind == "done" else "failed"
         self._ended = time.perf_counter()
         self.pending, self.answers, self._open = {}, {}, {}
+        if self._parent is not None and self in self._parent._children:
+            self._parent._children.remove(self)  # a finished child no longer counts
         return step
 
     def _crashed(self, exc: Exception) -> Step:
         log.exception("session %s failed inside the worker", self.session_id)
         return self._fail(f"the worker could not run this session: {type(exc).__name__}: {exc}")
 
+    @property
+    def _stop_reason(self) -> str | None:
+        """Why this session must stop: its own interrupt or a parent's."""
+        session: LuaSession | None = self
+        while session is not None:
+            if session._interrupted is not None:
+                return session._interrupted
+            session = session._parent
+        return None
+
     def _is_interrupted(self) -> bool:
         """(count hook) whether to stop; also settles the cap if a host call left it lifted."""
         self._settle()
-        return self._interrupted is not None
+        return self._stop_reason is not None
 
     def _sandbox_log(self, level: str, source: str, message: str) -> None:
         self.emit_log(level, message, source)
 
     # memory: Lua may use the cap minus what Python keeps for the session
 
+    def _heap(self) -> int:
+        return int(self._lua.get_memory_used() or 0)
+
     def _used(self) -> int:
-        return int(self._lua.get_memory_used() or 0) + self._charged
+        """Bytes counted against the cap: every VM of the family (this session,
+        its fork children, its parent) and what Python keeps for them."""
+        root = self
+        while root._parent is not None:
+            root = root._parent
+        total, stack = 0, [root]
+        while stack:
+            session = stack.pop()
+            total += session._heap() + session._charged
+            stack.extend(session._children)
+        return total
 
     def _limit(self) -> int:
-        return max(self.max_memory - self._charged, 1)
+        """What this VM's Lua heap may reach: the cap minus everything else counted."""
+        return max(self.max_memory - self._used() + self._heap(), 1)
 
     def _account(self, nbytes: int) -> None:
         self._charged = max(self._charged + nbytes, 0)
