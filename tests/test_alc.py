@@ -479,6 +479,16 @@ def test_math_rng_is_reproducible_per_seed(w: SharedWorker) -> None:
     assert shuffled[0] is True and sorted(shuffled[1]) == [1, 2, 3, 4, 5]
     with fails("expected a LuaRng"):
         w.run("return alc.math.rng_float({})")
+    # two handles with one seed give one stream, also across the 256-draw buffer
+    same, count = w.run("""local a, b = alc.math.rng_create(3), alc.math.rng_create(3)
+        local same, n = true, 0
+        for i = 1, 600 do
+          local x, y = alc.math.rng_float(a), alc.math.rng_float(b)
+          if x ~= y then same = false end
+          if x >= 0 and x < 1 then n = n + 1 end
+        end
+        return {same, n}""")
+    assert same is True and count == 600
 
 
 def test_math_statistics(w: SharedWorker) -> None:

@@ -82,6 +82,7 @@ do
   local rng_mt = { __name = "LuaRng", __metatable = "LuaRng",
                    __tostring = function() return "LuaRng" end }
   local handles = setmetatable({}, { __mode = "k" })
+  local buffers = setmetatable({}, { __mode = "k" })
   local function rng_id(rng, fname)
     local id = handles[rng]
     if id == nil then
@@ -100,7 +101,21 @@ do
     if not names[name] then return nil end
     local call = host.math
     local function f(...) return call(name, ...) end
-    if name == "rng_create" then
+    if name == "rng_float" then
+      -- draws come 256 at a time from the host (same stream, far fewer host calls)
+      local floats = host.rng_floats
+      return function(rng)
+        local id = rng_id(rng, name)
+        local buf = buffers[rng]
+        if buf == nil or buf.i > #buf.v then
+          buf = { v = floats(id, 256), i = 1 }
+          buffers[rng] = buf
+        end
+        local x = buf.v[buf.i]
+        buf.i = buf.i + 1
+        return x
+      end
+    elseif name == "rng_create" then
       return function(seed)
         local handle = setmetatable({}, rng_mt)
         handles[handle] = f(seed)

@@ -103,6 +103,11 @@ class MathLib:
     def rng_float(self, rng: int) -> float:
         return float(self._rng(rng).random())
 
+    def floats(self, rng: int, n: int) -> list[float]:
+        """The next ``n`` values of ``rng_float`` at once (alc.lua buffers them: one host
+        call per 256 draws; the stream is the same as ``n`` single calls)."""
+        return [float(x) for x in self._rng(rng).random(int(n))]
+
     def rng_int(self, rng: int, low: int, high: int) -> int:
         if int(low) > int(high):
             raise MathError(f"alc.math.rng_int: min ({low}) must be <= max ({high})")
@@ -493,4 +498,4 @@ class MathLib:
 
 
 MathLib.NAMES = frozenset(name for name, value in vars(MathLib).items()
-                          if callable(value) and not name.startswith("_"))
+                          if callable(value) and not name.startswith("_") and name != "floats")

@@ -277,6 +277,7 @@ class _Bridge:
             "dirs": lambda: self.lua(self.dirs),
             "math": self.math,
             "math_names": lambda: self.lua(sorted(MathLib.NAMES)),
+            "rng_floats": lambda rng, n: self.lua(self.math_lib.floats(rng, n)),
         }
 
 
