@@ -559,7 +559,7 @@ class SessionView:
         import ipywidgets as widgets
 
         button = widgets.Button(description=label, button_style="primary",
-                                layout=widgets.Layout(width="auto"))
+                                layout=widgets.Layout(width="auto", flex="0 0 auto"))
         button.add_class(css)
         button.on_click(click)
         return button
@@ -569,7 +569,7 @@ class SessionView:
         import ipywidgets as widgets
 
         text = widgets.Textarea(placeholder=f"answer for {query.id}",
-                                layout=widgets.Layout(width="95%"))
+                                layout=widgets.Layout(width="auto", flex="1 1 auto"))
         send = self._button("Send", "pool-send", lambda _b: self._act(
             self.session.answer(text.value, query.id), row))
         send.tooltip = f"continue {query.id}"
