@@ -427,34 +427,6 @@ local function copy(t)
   return out
 end
 
--- Coroutines live until the session ends. lupa (2.8) keeps the lua_State of
--- the coroutine that called into Python inside every Lua object handed to
--- Python; when Python drops one after Lua collected that coroutine (a raised
--- exception kept in a traceback is enough), the worker segfaults. Anchoring
--- every coroutine makes that impossible; they count against the memory cap.
-local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
-local anchored = {}
-
-local function sandbox_create(f)
-  local co = co_create(f)
-  anchored[#anchored + 1] = co
-  return co
-end
-
-local function sandbox_wrap(f)
-  local co = sandbox_create(f)
-  return function(...)
-    local results = pack(co_resume(co, ...))
-    if results[1] then return unpack(results, 2, results.n) end
-    co_close(co)
-    error(results[2], 2)
-  end
-end
-
-local sandbox_coroutine = copy(coroutine)
-sandbox_coroutine.create = sandbox_create
-sandbox_coroutine.wrap = sandbox_wrap
-
 -- table.move, insert and remove loop in C, where no interrupt reaches them
 -- (and #t can be anything a __len says): bound how many elements they shift.
 local MAX_MOVE = 1 << 24
@@ -535,7 +507,7 @@ local modules = {
   table = sandbox_table,
   math = copy(math),
   utf8 = copy(utf8),
-  coroutine = sandbox_coroutine,
+  coroutine = copy(coroutine),
   os = sandbox_os,
   io = sandbox_io,
   debug = sandbox_debug,

@@ -180,8 +180,6 @@ def install_sandbox(lua: Any, policy: SandboxPolicy | None = None, *,
     :class:`Sandbox`; ``lib_paths`` (here or later through
     :meth:`~Sandbox.add_lib_paths`) are readable and searched first.
     """
-    if not isinstance(policy, SandboxPolicy):  # TRANSITION: until runtime.py passes a policy
-        policy = SandboxPolicy()
-    sandbox = Sandbox(lua, policy)
+    sandbox = Sandbox(lua, policy or SandboxPolicy())
     sandbox.add_lib_paths(lib_paths)
     return sandbox
