@@ -366,10 +366,12 @@ def session_progress(session: Session) -> tuple[int, int, str] | None:
 
 
 def session_log(session: Session) -> list[str]:
-    """Log lines the worker sent with the session's replies (``alc.log``, ``print``)."""
+    """Log lines the worker sent (``alc.log``, ``print``): each reply's new lines, then
+    those of the final metrics' recent log not seen yet."""
     entries = [e for r in session.steps for e in _extras(r).get(_LOGS) or ()]
-    if not entries:
-        entries = list(session.metrics.get(_LOGS) or ())
+    seen = {json.dumps(e, sort_keys=True, default=str) for e in entries}
+    entries += [e for e in session.metrics.get(_LOGS) or ()
+                if json.dumps(e, sort_keys=True, default=str) not in seen]
     return [f"[{e.get('level', 'info')}] {e.get('message', '')}" if isinstance(e, Mapping)
             else str(e) for e in entries]
 

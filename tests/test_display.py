@@ -232,11 +232,14 @@ def test_status_conversation_history_in_algoclines_shape() -> None:
 
 def test_progress_and_log_of_a_session_are_shown() -> None:
     """Progress and log lines the worker sends with its replies (extra keys on the feed
-    replies, and the final metrics), rendered in the session view and its text."""
+    replies, and the final metrics: the server's shapes), in the session view and text."""
     from pool_notebook.connections import ConnectionManager
     from pool_notebook.display import session_html, session_log, session_progress, session_text
     from pool_notebook.history import History
     from tests.fakes import FakeWorker, ok
+
+    started = {"ts": 1, "level": "info", "source": "alc.log", "message": "started <now>"}
+    low = {"ts": 2, "level": "warn", "source": "alc.log", "message": "low score"}
 
     def script(req: dict[str, Any]) -> list[Any] | None:
         if req["op"] == "run":
@@ -244,14 +247,14 @@ def test_progress_and_log_of_a_session_are_shown() -> None:
                                               "max_tokens": 1024}]}}
             return [ok({"kind": "feed", "session_id": "s-1", "feed_result": paused,
                         "progress": {"step": 1, "total": 4, "message": "reading"},
-                        "recent_logs": [{"level": "info", "message": "started <now>"}]})]
-        if req["op"] == "continue":
+                        "recent_logs": [started]})]
+        if req["op"] == "continue":  # the final metrics carry the whole recent log
             failed = {"Finished": {"state": {"Failed": {"error": "run:3: gave up"}},
                                    "metrics": {"auto": {"llm_calls": 1},
+                                               "recent_logs": [started, low],
                                                "progress": {"step": 3, "total": 4,
                                                             "message": "judging"}}}}
-            return [ok({"kind": "feed", "session_id": "s-1", "feed_result": failed,
-                        "recent_logs": [{"level": "warn", "message": "low score"}]})]
+            return [ok({"kind": "feed", "session_id": "s-1", "feed_result": failed})]
         return None
 
     async def main() -> tuple[str, str, str, Any, list[str]]:
@@ -269,7 +272,7 @@ def test_progress_and_log_of_a_session_are_shown() -> None:
     assert "<progress value='1' max='4'>" in paused and "1/4 reading" in paused
     assert "started &lt;now&gt;" in paused and "<details class='pool-log'>" in paused
     assert progress == (3, 4, "judging")  # the final metrics are the latest word
-    assert log == ["[info] started <now>", "[warn] low score"]
+    assert log == ["[info] started <now>", "[warn] low score"]  # each line once
     assert "<details class='pool-log' open>" in failed  # a failed run shows its log
     assert failed.index("gave up") < failed.index("pool-progress")  # the error first
     assert "<b>llm_calls</b>" in failed and "<b>progress</b>" not in failed  # not twice

@@ -405,6 +405,21 @@ def test_status_history_shows_the_conversation(ip: InteractiveShell) -> None:
     assert [(p, r) for _q, p, r in rows] == [("first?", "one"), ("second?", "(pending)")]
 
 
+def test_progress_and_log_from_the_worker_in_the_view(ip: InteractiveShell) -> None:
+    ip.run_line_magic("pool_connect", "")
+    view = ip.run_cell_magic("pool_run", "--out s", "alc.log('info', 'starting')\n"
+                             "print('printed')\nalc.progress(1, 3, 'asking')\n"
+                             "local a = alc.llm('q?')\nalc.progress(3, 3, 'done')\n"
+                             "alc.log('warn', 'finishing')\nreturn a")
+    paused = view.html()
+    assert "<progress value='1' max='3'>" in paused and "1/3 asking" in paused
+    assert "[info] starting\n[info] printed" in paused
+    pool_notebook.loop.runner.run(ip.user_ns["s"].answer("yes"))
+    done = view.html()
+    assert "3/3 done" in done
+    assert "[info] starting\n[info] printed\n[warn] finishing</pre>" in done
+
+
 def test_history_plot_is_drawn_once_with_or_without_semicolon(ip: InteractiveShell) -> None:
     ip.run_line_magic("pool_connect", "")
     for _ in range(5):
