@@ -443,12 +443,19 @@ def test_pure_libraries_and_text_load_work(wire: Wire) -> None:
 
 
 def test_output_reaches_the_session_log(wire: Wire) -> None:
-    wire.value("print('pn-print-marker', 7, nil) io.write('pn-write-marker\\n') "
-               "io.stderr:write('pn-stderr-marker') warn('pn-warn-', 'marker') return true")
+    """print, io.write, io.stderr and warn land in the session log the client gets
+    (the Finished metrics' recent_logs) and in the worker's log file."""
+    finished = wire.run("print('pn-print-marker', 7, nil)\n"
+                        "io.write('pn-write-marker', 1.5, '\\n')\n"
+                        "io.stderr:write('pn-stderr-marker')\n"
+                        "warn('pn-warn-', 'marker')")
+    logs = [(e["level"], e["source"], e["message"]) for e in finished.metrics["recent_logs"]]
+    assert logs == [("info", "alc.lua.print", "pn-print-marker\t7\tnil"),
+                    ("info", "alc.lua.io", "pn-write-marker1.5"),
+                    ("warn", "alc.lua.stderr", "pn-stderr-marker"),
+                    ("warn", "alc.lua.warn", "pn-warn-marker")]
     log = Path(wire.worker.log_path).read_text()
-    assert "pn-print-marker\t7\tnil" in log
-    for marker in ("pn-write-marker", "pn-stderr-marker", "pn-warn-marker"):
-        assert marker in log
+    assert all(message in log for _, _, message in logs)
 
 
 @pytest.mark.skipif(not PACKAGES.is_dir(), reason=f"the pinned corpus is absent ({PACKAGES})")
