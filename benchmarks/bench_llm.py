@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pool_notebook import llm
 from pool_notebook.connections import Connection, ConnectionManager
 from pool_notebook.history import History
+from pool_notebook.protocol import Query
 from tests.fakes import FakeChatServer
 
 QUERIES = 64
@@ -44,6 +45,14 @@ async def _answer(conn: Connection, responder: llm.ModelResponder, concurrency: 
     return elapsed
 
 
+async def _sdk_alone(responder: llm.ModelResponder) -> float:
+    """The same 64 requests straight through the responder: no worker, no session."""
+    queries = [Query(f"q-{i}", f"item {i + 1}") for i in range(QUERIES)]
+    start = time.perf_counter()
+    await asyncio.gather(*(responder(q) for q in queries))
+    return time.perf_counter() - start
+
+
 def _serve(pipe: Any) -> None:
     """The chat server's process: send its URL, serve until told to stop, send its peak."""
     with FakeChatServer(delay=DELAY) as server:
@@ -61,12 +70,14 @@ async def _bench(base_url: str, store: llm.AnswerStore) -> dict[str, list[float]
     replay = llm.openai("m", cache="replay", max_concurrency=QUERIES, store=store)
     await _answer(conn, recording, QUERIES)  # records the batch (and warms the SDK up)
     times: dict[str, list[float]] = {"concurrent (64)": [], "one at a time": [],
-                                     "replayed from the store": []}
+                                     "replayed from the store": [],
+                                     "the 64 SDK calls alone (no worker)": []}
     try:
         for _ in range(ROUNDS):
             times["concurrent (64)"].append(await _answer(conn, concurrent, QUERIES))
             times["one at a time"].append(await _answer(conn, serial, 1))
             times["replayed from the store"].append(await _answer(conn, replay, QUERIES))
+            times["the 64 SDK calls alone (no worker)"].append(await _sdk_alone(concurrent))
     finally:
         await conn.shutdown()
         manager.close_all()
@@ -97,6 +108,8 @@ def main() -> None:
     ser = statistics.median(times["one at a time"])
     print(f"\none at a time / concurrent = {ser / con:.1f}x; concurrent = {con / DELAY:.1f}x "
           f"one answer's {DELAY * 1000:.0f} ms; the server saw at most {peak} requests at once")
+    print("(concurrent - SDK alone = what the session and worker add; replayed = the "
+          "session, worker and store without any provider call)")
 
 
 if __name__ == "__main__":
