@@ -248,21 +248,24 @@ def test_pipe_passes_results_on_as_task_and_records_history(w: SharedWorker) -> 
         w.run("return alc.pipe({}, {})")
 
 
-def test_fork_runs_strategies_together_with_one_batch_per_round(
+def test_fork_runs_strategies_in_their_own_vms_with_one_batch_per_round(
         w: SharedWorker, tmp_path: Path) -> None:
     (tmp_path / "s_upper.lua").write_text(
-        "return {run = function(ctx) return {out = alc.llm('up ' .. ctx.task):upper()} end}")
+        "return {run = function(ctx) LEAK = 'from s_upper'\n"
+        "return {out = alc.llm('up ' .. ctx.task):upper()} end}")
     (tmp_path / "s_twice.lua").write_text(
         "return {run = function(ctx) local a = alc.llm('one ' .. ctx.task)\n"
-        "return {out = a .. '+' .. alc.llm('two ' .. ctx.task)} end}")
+        "return {out = a .. '+' .. alc.llm('two ' .. ctx.task), leak = LEAK or 'none'} end}")
     (tmp_path / "s_fail.lua").write_text("return {run = function() error('nope') end}")
     results = w.run("return alc.fork({'s_upper', 's_twice', 's_fail'}, {task = 'x'})", echo,
                     lib_paths=[str(tmp_path)])
     assert results[0] == {"strategy": "s_upper", "ok": True, "result": {"out": "ECHO: UP X"}}
-    assert results[1] == {"strategy": "s_twice", "ok": True,
-                          "result": {"out": "echo: one x+echo: two x"}}
+    assert results[1] == {"strategy": "s_twice", "ok": True,  # its own VM: no LEAK
+                          "result": {"out": "echo: one x+echo: two x", "leak": "none"}}
     assert results[2]["ok"] is False and "nope" in results[2]["error"]
     assert [q.prompt for q in w.queries] == ["up x", "one x", "two x"]
+    with fails("alc.fork: strategy 's_fail' failed"):
+        w.run("return alc.fork({'s_fail'}, {}, {on_error = 'fail'})", lib_paths=[str(tmp_path)])
     with fails("invalid strategy name"):
         w.run("return alc.fork({'../etc'}, {})")
 

@@ -568,68 +568,35 @@ end
 
 -- ------------------------------------------------------------------ fork
 
-local function copy_json(value)
-  return alc.json_decode(alc.json_encode(value))
-end
-
---- Run each strategy's run(ctx copy) concurrently; their queries go out together in
---- one batch per round. Returns {strategy, ok, result | error} per strategy.
+--- Each strategy's run(ctx) in a Lua VM of its own (same ctx, lib_paths and sandbox);
+--- every round their queries go out together in one batch. Returns {strategy, ok,
+--- result | error} per strategy; opts.on_error = "skip" (default) or "fail".
 function alc.fork(strategies, ctx, opts)
   if type(strategies) ~= "table" or #strategies == 0 then
     error("alc.fork: strategies must be a non-empty array", 2)
   end
   if type(ctx) ~= "table" then error("alc.fork: ctx must be a table", 2) end
-  local on_error = (opts and opts.on_error) or "skip"
-  local children, results = {}, {}
-  for i, name in ipairs(strategies) do
+  for _, name in ipairs(strategies) do
     if type(name) ~= "string" or not name:match("^[%w_]+$") then
       error("alc.fork: invalid strategy name '" .. tostring(name)
         .. "' (only alphanumeric and underscore allowed)", 2)
     end
-    local child_ctx = copy_json(ctx)
-    children[i] = coroutine.create(function()
-      return copy_json(require(name).run(child_ctx))
-    end)
-    results[i] = { strategy = name }
   end
-  local pending = {}   -- child index -> answers to resume it with (nil: start)
-  local active = {}
-  for i = 1, #children do active[i] = true end
-  while next(active) do
-    local batch, owners = {}, {}
-    for i in pairs(active) do
-      -- a child's alc.llm yields (pause tag, queries) through host.pause
-      local ok, a, queries = coroutine.resume(children[i], pending[i])
-      pending[i] = nil
-      if not ok then
-        results[i].ok, results[i].error = false, tostring(a)
-        active[i] = nil
-      elseif coroutine.status(children[i]) == "dead" then
-        results[i].ok, results[i].result = true, a
-        active[i] = nil
-      elseif type(queries) ~= "table" then
-        results[i].ok, results[i].error = false, "alc.fork: a strategy yielded outside alc.llm"
-        active[i] = nil
-      else
-        for _, q in ipairs(queries) do
-          batch[#batch + 1] = q
-          owners[#owners + 1] = i
-        end
-        pending[i] = {}
-      end
+  local id, report = host.fork_start(strategies, ctx)
+  while true do
+    local batch = {}
+    for _, r in ipairs(report) do
+      for _, q in ipairs(r.queries or {}) do batch[#batch + 1] = q end
     end
-    if #batch > 0 then
-      local answers = ask(batch)
-      for k, i in ipairs(owners) do
-        local list = pending[i]
-        list[#list + 1] = answers[k]
-      end
-    end
+    if #batch == 0 then break end
+    id, report = host.fork_answer(id, ask(batch))
   end
-  if on_error == "fail" then
-    for _, r in ipairs(results) do
-      if not r.ok then error("alc.fork: strategy '" .. r.strategy .. "' failed: " .. r.error, 2) end
+  local results = {}
+  for i, r in ipairs(report) do
+    if not r.ok and (opts and opts.on_error) == "fail" then
+      error("alc.fork: strategy '" .. r.strategy .. "' failed: " .. tostring(r.error), 2)
     end
+    results[i] = { strategy = r.strategy, ok = r.ok, result = r.result, error = r.error }
   end
   return results
 end

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..registry import algocline_home, home
@@ -21,7 +22,7 @@ from .mathlib import MathError, MathLib
 from .stores import CardStore, StateStore, StoreError
 
 if TYPE_CHECKING:
-    from .runtime import LuaSession
+    from .runtime import LuaSession, Step
 
 
 def lua_size(value: Any) -> int:
@@ -63,6 +64,24 @@ def _lua_type(value: Any) -> str:
     return "table"
 
 
+@dataclass
+class _Child:
+    """One strategy of an ``alc.fork``: its own VM and its last step."""
+
+    strategy: str
+    session: LuaSession
+    step: Step
+
+    def report(self) -> dict[str, Any]:
+        if self.step.kind == "paused":
+            return {"strategy": self.strategy,
+                    "queries": [{k: v for k, v in q.items() if k != "id" and v is not None}
+                                for q in self.step.queries]}
+        if self.step.kind == "done":
+            return {"strategy": self.strategy, "ok": True, "result": self.step.result}
+        return {"strategy": self.strategy, "ok": False, "error": self.step.error}
+
+
 class _Bridge:
     """The host functions of one session, with the stores and RNGs they share."""
 
@@ -74,6 +93,7 @@ class _Bridge:
         self.state = StateStore(root / "state")
         self.cards = CardStore(root / "cards")
         self.math_lib = MathLib()
+        self.forks: dict[int, list[_Child]] = {}
 
     # ------------------------------------------------------------------ values
 
@@ -234,6 +254,38 @@ class _Bridge:
             raise ValueError(f"alc.math.{name}: no such function")
         return self.lua(getattr(self.math_lib, name)(*(self.py(a) for a in args)))
 
+    def fork_start(self, strategies: Any, ctx: Any) -> tuple[int, Any]:
+        """Start each strategy's ``run(ctx)`` in a VM of its own (``session.child()``:
+        same sandbox, inside the session's memory cap); returns (fork id, report)."""
+        names, context = self.py(strategies), self.py(ctx)
+        parent = self.session
+        children = []
+        for i, name in enumerate(names):
+            child = parent.child()
+            child.bind(f"{parent.session_id}/fork-{i}",
+                       f"return require({json.dumps(name)}).run(ctx)", ctx=context,
+                       lib_paths=parent.lib_paths)
+            children.append(_Child(name, child, child.start()))
+        fork_id = max(self.forks, default=0) + 1
+        self.forks[fork_id] = children
+        return self._fork_report(fork_id)
+
+    def fork_answer(self, fork_id: Any, answers: Any) -> tuple[int, Any]:
+        """Hand one round's answers (in query order) to the paused children."""
+        texts = iter(self.py(answers))
+        for c in self.forks[fork_id]:
+            if c.step.kind == "paused":
+                for query in c.step.queries:
+                    step = c.session.answer(query["id"], next(texts), None)
+                c.step = step
+        return self._fork_report(fork_id)
+
+    def _fork_report(self, fork_id: int) -> tuple[int, Any]:
+        children = self.forks[fork_id]
+        if all(c.step.kind != "paused" for c in children):
+            del self.forks[fork_id]  # the children's VMs go with it
+        return fork_id, self.lua([c.report() for c in children])
+
     def chunk(self, text: Any, opts: Any = None) -> Any:
         o = self.py(opts)
         mode = _opt(o, "mode", str) or "lines"
@@ -271,6 +323,8 @@ class _Bridge:
             "counters": self.session.counters,
             "progress": self.progress,
             "chunk": self.chunk,
+            "fork_start": self.fork_start,
+            "fork_answer": self.fork_answer,
             "match_enum": self.match_enum,
             "match_bool": lambda text: textops.match_bool(_text(text, "alc.match_bool", "text")),
             "time": time.time,
