@@ -393,18 +393,22 @@ def _activity_html(session: Session) -> str:
     return "".join(parts)
 
 
+def _lua_failure(session: Session, first_line: int) -> LuaError | None:
+    """The Lua error of a session that ran and failed (None: the worker refused a step)."""
+    if not isinstance(session.last.feed, proto.Finished):
+        return None
+    return parse_lua_error(session.error or "", session.code, first_line=first_line)
+
+
 def _session_outcome_html(session: Session, first_line: int) -> str:
     """Result or error, progress and log, then metrics and conversation history."""
     word = str(session.state)
     parts = []
     if word == "failed":
-        error = session.error or ""
-        if isinstance(session.last.feed, proto.Finished):
-            parts.append(parse_lua_error(error, session.code,
-                                         first_line=first_line).html())
-        else:  # the worker refused a step: its message as it is
-            parts.append(f"<div class='pool-error-message' style='color:{_RED};"
-                         f"white-space:pre-wrap'>{html.escape(error)}</div>")
+        lua = _lua_failure(session, first_line)
+        parts.append(lua.html() if lua is not None else
+                     f"<div class='pool-error-message' style='color:{_RED};"
+                     f"white-space:pre-wrap'>{html.escape(session.error or '')}</div>")
     elif word == "completed":
         parts.append(f"<div class='pool-result'>{_tree(session.result)}</div>")
     parts.append(_activity_html(session))
@@ -442,9 +446,8 @@ def session_text(session: Session, *, first_line: int = 1) -> str:
     word = str(session.state)
     out = [f"{session.connection.name} session {session.id}: {word}"]
     if word == "failed":
-        error = session.error or ""
-        out.append(parse_lua_error(error, session.code, first_line=first_line).text()
-                   if isinstance(session.last.feed, proto.Finished) else error)
+        lua = _lua_failure(session, first_line)
+        out.append(lua.text() if lua is not None else session.error or "")
     elif word == "completed":
         out.append(json.dumps(session.result, ensure_ascii=False, default=str))
     progress = session_progress(session)
