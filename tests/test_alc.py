@@ -78,6 +78,9 @@ def test_json_null_decodes_to_a_non_nil_sentinel_and_encodes_back(w: SharedWorke
                               again = alc.json_encode(v)}""")
     assert result["same"] is True
     assert result["again"] == '{"a":null,"b":[1,null]}'
+    assert w.run("return {ctx.a == alc.null, ctx.b[2] == alc.null, tostring(ctx.a),"
+                 " alc.json_decode('null') == alc.null}", ctx={"a": None, "b": [1, None]}) == \
+        [True, True, "null", True]
 
 
 def test_json_extract_raw_fenced_embedded_and_arrays(w: SharedWorker) -> None:
