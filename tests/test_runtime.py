@@ -172,6 +172,7 @@ def _interrupt_while_running(session: LuaSession, reason: str) -> Step:
     "local co = coroutine.wrap(function() while true do end end) co()",
     "while true do pcall(coroutine.wrap(function() while true do pcall(error) end end)) end",
     "local s = 0 for i = 1, math.maxinteger do s = s + i % 7 end",
+    "pcall(debug.sethook) while true do end",  # the sandbox keeps the hook in place
 ])
 def test_interrupt_stops_running_lua_from_another_thread(loop: str) -> None:
     session = LuaSession("s-loop", f"print('looping') {loop}")

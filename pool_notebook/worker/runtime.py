@@ -37,7 +37,6 @@ __all__ = [
     "LOG_ENTRIES",
     "TEXT_LIMIT",
     "LuaSession",
-    "SessionError",
     "SessionFactory",
     "Step",
     "estimate_tokens",
@@ -60,9 +59,6 @@ HOOK_EVERY = 100_000
 HEADROOM = 1024 * 1024
 _MAX_DEPTH = 100
 _MAX_USAGE = 2**53
-
-#: Kept for the server until it imports ContinueRejected.
-SessionError = ContinueRejected
 
 # The coroutine driver. It runs before the sandbox, which then only sees the
 # hooked coroutine.create/wrap defined here (so every coroutine user code makes
@@ -305,7 +301,6 @@ class LuaSession:
         *,
         ctx: Any = None,
         lib_paths: Sequence[str] = (),
-        state: dict[str, Any] | None = None,
         sandbox: bool = True,
         max_memory: int = DEFAULT_MAX_MEMORY,
         allow_env: Iterable[str] = frozenset(),
@@ -315,7 +310,6 @@ class LuaSession:
                                   f"got {max_memory!r}")
         self.session_id = ""
         self.state = "idle"
-        self.kv: dict[str, Any] = {} if state is None else state
         self.stats: dict[str, Any] = {}
         self.progress: dict[str, Any] | None = None
         self.pending: dict[str, dict[str, Any]] = {}
