@@ -56,7 +56,15 @@ class RawConnection:
     def __init__(self, path: str, timeout: float = 30.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
+        deadline = time.monotonic() + 10
+        while True:  # the socket file exists from bind(); connect is refused until listen()
+            try:
+                self.sock.connect(path)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         self.file = self.sock.makefile("rb")
 
     def send(self, obj: dict[str, Any] | bytes) -> None:
