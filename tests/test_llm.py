@@ -27,7 +27,7 @@ from pool_notebook.errors import (
     ReplayMiss,
     ResponderError,
 )
-from pool_notebook.history import History
+from pool_notebook.history import History, counts_from_metrics
 from pool_notebook.session import Answer, Session, SessionState, resolve_responder
 
 from .fakes import FakeChatServer, run
@@ -110,10 +110,12 @@ def test_a_real_lua_run_answered_by_the_model(chat: FakeChatServer) -> None:
                                 {"role": "user", "content": "What is 2 + 2?"}]
     # the provider's usage went out with the continue and reached the worker's metrics
     assert usages(session) == [{"prompt_tokens": 9, "completion_tokens": 1}]
-    assert session.metrics["usage"] == {"prompt_tokens": 9, "completion_tokens": 1}
+    totals = counts_from_metrics(session.metrics)
+    assert totals is not None and (totals.prompt_tokens, totals.completion_tokens) == (9, 1)
     history = session.connection.history.frame()
     [row] = history[history["op"] == "continue"].to_dict("records")
     assert (row["prompt_tokens"], row["completion_tokens"]) == (9, 1)
+    assert row["replayed"] is False  # asked the provider (the history marks replays)
 
 
 def test_responder_string_uses_the_sdk_environment(chat: FakeChatServer,
@@ -228,6 +230,8 @@ def test_a_rerun_replays_the_same_answers_in_order_with_no_provider_call(
     assert usages(again) == usages(first)
     assert [a.replayed for a in first.answers.values()] == [False] * 9
     assert [a.replayed for a in again.answers.values()] == [True] * 9
+    history = again.connection.history.frame()
+    assert history[history["op"] == "continue"]["replayed"].tolist() == [True] * 9
     replay = run(run_answered(code, llm.openai("m", cache="replay", store=store)))
     assert replay.result == first.result and chat.calls == 9
     # cache="off" neither reads nor records
