@@ -94,6 +94,15 @@ def test_each_trigger_ends_failed_and_the_next_session_works(code: str, needle: 
     assert step.kind == "done" and step.result == "ok!"
 
 
+def test_text_python_cannot_encode_fails_the_session_not_the_caller() -> None:
+    assert "could not set up this session" in failed("return ctx", ctx={"a": "\ud800"})
+    session, step = run("return alc.llm('q')")
+    step = session.answer("q-0", "\udfff")
+    assert step.kind == "error" and "UnicodeEncodeError" in (step.error or "")
+    _, step = run("return 2")
+    assert step.result == 2
+
+
 def test_invalid_utf8_in_an_error_message_is_replaced() -> None:
     error = failed("error('bad \\xff byte', 0)")
     assert error.startswith("bad \ufffd byte")

@@ -369,19 +369,21 @@ class LuaSession:
         self.session_id, self._code, self.state = session_id, code, "running"
         self.lib_paths = tuple(lib_paths)
         self._started = time.perf_counter()
-        if self._sandbox is not None:
-            self._sandbox.add_lib_paths(lib_paths)
-        else:
-            package = self._lua.globals().package
-            package.path = module_path(lib_paths) + ";" + package.path
-        if ctx is not None:
-            try:
+        try:  # a failure here is the session's (start() reports it), never the caller's
+            if self._sandbox is not None:
+                self._sandbox.add_lib_paths(lib_paths)
+            else:
+                package = self._lua.globals().package
+                package.path = module_path(lib_paths) + ";" + package.path
+            if ctx is not None:
                 self.ensure_room(lua_size(ctx), "ctx")
-            except LuaMemoryError as exc:
-                self._failure = str(exc)
-                return
-            self._lua.globals().ctx = self.to_lua(ctx)
-            self._settle()
+                self._lua.globals().ctx = self.to_lua(ctx)
+                self._settle()
+        except LuaMemoryError as exc:
+            self._failure = str(exc)
+        except Exception as exc:  # e.g. a lone surrogate in ctx (API callers)
+            log.exception("session %s could not be set up", session_id)
+            self._failure = f"the worker could not set up this session: {type(exc).__name__}: {exc}"
 
     def start(self) -> Step:
         """Compile and run the code until its first pause or its end."""
