@@ -436,7 +436,9 @@ def test_store_file_is_private_and_exports_for_a_keyless_replay(
     assert chat.calls == 8
 
 
-def test_store_refuses_bad_files(tmp_path: Path) -> None:
+def test_store_refuses_bad_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POOL_NOTEBOOK_ANSWERS", str(tmp_path / "elsewhere.sqlite"))
+    assert llm.openai("m").store.path == tmp_path / "elsewhere.sqlite"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"provider": "openai"}\n')
     with pytest.raises(AnswerStoreError, match="line 1 is not an exported answer"):
