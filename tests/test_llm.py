@@ -436,7 +436,7 @@ def test_store_file_is_private_and_exports_for_a_keyless_replay(
     assert chat.calls == 8
 
 
-def test_store_refuses_bad_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_location_and_bad_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POOL_NOTEBOOK_ANSWERS", str(tmp_path / "elsewhere.sqlite"))
     assert llm.openai("m").store.path == tmp_path / "elsewhere.sqlite"
     bad = tmp_path / "bad.jsonl"
