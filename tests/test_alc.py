@@ -590,3 +590,26 @@ def test_json_too_big_for_the_memory_cap_is_a_lua_error() -> None:
     ok, message = refused.outcome.result
     assert ok is False and "memory cap" in message, message
     assert after.outcome.result == [1, 2]
+
+
+@pytest.mark.usefixtures("pool_home")
+def test_state_is_charged_per_key_while_it_stands() -> None:
+    """Setting one key again and again (or deleting it) does not use up the cap; many
+    distinct big keys do, with the cap named."""
+    mib = "('x'):rep(2^20)"
+
+    async def main() -> list[Any]:
+        client, _ = await spawn_and_connect(
+            "{python} -m pool_notebook.worker --max-memory-mb 16 --sid {sid} --sock {sock}")
+        async with client:
+            out = [(await client.run(code, ctx={"_ns": "t_charge"})).feed_result.outcome
+                   for code in (
+                       f"for i = 1, 40 do alc.state.set('same', {mib} .. i) end return 'ok'",
+                       f"for i = 1, 40 do alc.state.set('k', {mib}); alc.state.delete('k') end"
+                       " return 'ok'",
+                       f"for i = 1, 40 do alc.state.set('k' .. i, {mib}) end return 'ok'")]
+            await client.shutdown()
+            return out
+    same, deleted, many = asyncio.run(asyncio.wait_for(main(), 120))
+    assert same.result == "ok" and deleted.result == "ok"
+    assert "memory cap of 16 MiB" in many.error

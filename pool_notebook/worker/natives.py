@@ -94,6 +94,7 @@ class _Bridge:
         self.cards = CardStore(root / "cards")
         self.math_lib = MathLib()
         self.forks: dict[int, list[_Child]] = {}
+        self.state_sizes: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------------ values
 
@@ -108,6 +109,13 @@ class _Bridge:
     def charge(self, value: Any, what: str) -> None:
         """Count data the worker keeps for the session against its memory cap."""
         self.session.charge(lua_size(value), what)
+
+    def charge_state(self, ns: str, key: str, size: int, what: str) -> None:
+        """Count a state value as the session's while it stands: a key set again is
+        charged only for the difference, a deleted one is given back."""
+        before = self.state_sizes.get((ns, key), 0)
+        self.session.charge(size - before, what)
+        self.state_sizes[(ns, key)] = size
 
     # ------------------------------------------------------------------ log, json
 
@@ -157,13 +165,16 @@ class _Bridge:
             return self.lua(value)
         if op in ("set", "set_nx"):
             value = self.py(args[0] if args else None)
-            self.charge(value, f"alc.state.{op}")
+            if op == "set_nx" and self.state.has(ns, key):
+                return False
+            self.charge_state(ns, key, lua_size(value), f"alc.state.{op}")
             if op == "set":
                 self.state.set(ns, key, value)
                 return None
             return self.state.set_nx(ns, key, value)
         if op == "delete":
             self.state.delete(ns, key)
+            self.charge_state(ns, key, 0, "alc.state.delete")
             return None
         if op == "has":
             return self.state.has(ns, key)
