@@ -130,6 +130,18 @@ def test_user_coroutines_yield_to_their_own_resumer() -> None:
     assert step.result == [1, 2, 3, 2, 10, "answer"]
 
 
+def test_llm_inside_a_user_coroutine_pauses_the_session() -> None:
+    _, step = run("""
+        local gen = coroutine.wrap(function()
+          coroutine.yield(alc.llm('first'))
+          local inner = coroutine.create(function() return alc.llm('second') end)
+          local ok, v = coroutine.resume(inner)
+          coroutine.yield(ok and v)
+        end)
+        return {gen(), gen()}""", "A", "B")
+    assert step.kind == "done" and step.result == ["A", "B"]
+
+
 # ------------------------------------------------------------------ continue
 
 

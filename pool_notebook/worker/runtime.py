@@ -95,11 +95,22 @@ local function hooked(c)
   return c
 end
 
+-- An alc.llm pause inside a coroutine of the user's goes up to the session (and
+-- the answers come back down), as algocline's blocking alc.llm works anywhere.
+local function relay(c, ok, first, ...)
+  if ok and first == PAUSE and status(c) == "suspended" then
+    return relay(c, resume(c, yield(PAUSE, ...)))
+  end
+  return ok, first, ...
+end
+local function user_resume(c, ...) return relay(c, resume(c, ...)) end
+
 coroutine.create = function(f) return hooked(create(f)) end
+coroutine.resume = user_resume
 coroutine.wrap = function(f)
   local c = hooked(create(f))
   return function(...)
-    local r = pack(resume(c, ...))
+    local r = pack(user_resume(c, ...))
     if r[1] then return unpack(r, 2, r.n) end
     error(r[2], 0)
   end
