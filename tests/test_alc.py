@@ -121,11 +121,16 @@ def test_llm_json_gives_nil_and_the_raw_text_when_the_retry_fails_too(w: SharedW
 
 def test_llm_options_reach_the_query(w: SharedWorker) -> None:
     w.run("""return {alc.llm('p', {system = 'sys', max_tokens = 64}), alc.ground('claim'),
-                     alc.specify('which?', {system = 'x'})}""", echo)
-    q1, q2, q3 = w.queries
+                     alc.specify('which?', {system = 'x'}), alc.llm(42, {max_tokens = 8.0}),
+                     alc.llm('q', {max_tokens = -1}), alc.llm('r', {max_tokens = 2.5})}""", echo)
+    q1, q2, q3, q4, q5, q6 = w.queries
     assert (q1.system, q1.max_tokens, q1.grounded) == ("sys", 64, False)
     assert (q2.prompt, q2.grounded, q2.max_tokens) == ("claim", True, 1024)
     assert (q3.underspecified, q3.system) == (True, "x")
+    assert (q4.prompt, q4.max_tokens) == ("42", 8)
+    assert q5.max_tokens == 1024 and q6.max_tokens == 1024
+    with fails("alc.llm: prompt must be a string, got table"):
+        w.run("return alc.llm({})")
 
 
 def test_llm_batch_sends_one_pause_and_rejects_an_empty_list(w: SharedWorker) -> None:
@@ -138,7 +143,7 @@ def test_llm_batch_sends_one_pause_and_rejects_an_empty_list(w: SharedWorker) ->
 
 
 def test_llm_safe_returns_the_default_on_error(w: SharedWorker) -> None:
-    assert w.run("return alc.llm_safe(42, nil, 'fallback')") == "fallback"
+    assert w.run("return alc.llm_safe({}, nil, 'fallback')") == "fallback"
     assert w.run("return alc.llm_safe('ok?', nil, 'fallback')", ["fine"]) == "fine"
 
 

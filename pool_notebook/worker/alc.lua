@@ -225,15 +225,15 @@ local function opt(opts, key, kind)
   return nil
 end
 
+-- As algocline converts: a number prompt is its text; max_tokens that is not a u32
+-- (or an integral float) falls back to 1024.
 local function query_of(prompt, opts, fname, level)
+  if type(prompt) == "number" then prompt = tostring(prompt) end
   if type(prompt) ~= "string" then
     error(fname .. ": prompt must be a string, got " .. type(prompt), level + 1)
   end
-  local max_tokens = opts and opts.max_tokens
-  if math.type(max_tokens) == "float" and max_tokens == math.floor(max_tokens) then
-    max_tokens = math.tointeger(max_tokens)
-  end
-  if math.type(max_tokens) ~= "integer" or max_tokens < 0 then max_tokens = 1024 end
+  local max_tokens = opts and math.tointeger(opts.max_tokens)
+  if not max_tokens or max_tokens < 0 or max_tokens > 4294967295 then max_tokens = 1024 end
   return {
     prompt = prompt,
     system = opt(opts, "system", "string"),
