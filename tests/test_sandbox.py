@@ -423,6 +423,20 @@ def test_require_loadfile_and_dofile_under_the_roots(wire: Wire) -> None:
     """) == [42, "mod_ok", True, "ran", 42, "alc home packages", "ALC_PACKAGES_PATH", "c1"]
 
 
+def test_edited_module_is_loaded_anew(wire: Wire) -> None:
+    """Modules are compiled once and cached by path, mtime, size and inode: an
+    edit (even one keeping the size) is seen by the next session."""
+    module = wire.lib / "edited.lua"
+    module.write_text("return 'v1'")
+    assert wire.value("return require('edited')") == "v1"
+    stat = module.stat()
+    module.write_text("return 'v2'")
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert wire.value("return require('edited')") == "v2"
+    module.write_text("return 'v3' +")
+    assert "edited.lua:1: unexpected symbol near <eof>" in wire.error("return require('edited')")
+
+
 def test_urandom_reads_by_count(wire: Wire) -> None:
     assert wire.value("""
         local f = assert(io.open('/dev/urandom', 'rb'))

@@ -9,8 +9,8 @@
 -- Code here never calls a global or a string method after the swap: every
 -- function it uses is captured below, so user code cannot redirect it.
 local host = ...
-local host_resolve, host_getenv, host_log, devices = host.resolve, host.getenv, host.log,
-      host.devices
+local host_resolve, host_compiled, host_getenv, host_log, devices = host.resolve,
+      host.compiled, host.getenv, host.log, host.devices
 
 local G = _G
 local assert, error, getmetatable, ipairs, next, pairs, pcall, rawequal, rawget, rawlen,
@@ -146,6 +146,15 @@ end
 
 -- ------------------------------------------------------------------ load
 
+local BINARY = "attempt to load a binary chunk"
+
+local function clarify(err)
+  if type(err) == "string" and sfind(err, BINARY, 1, true) then
+    return "load: binary chunks are not available in the sandbox" .. HINT
+  end
+  return err
+end
+
 local function text_load(chunk, name, mode, ...)
   if mode ~= nil and type(mode) ~= "string" then arg_error(3, "load", "string", mode) end
   local fn, err
@@ -155,38 +164,33 @@ local function text_load(chunk, name, mode, ...)
     fn, err = raw_load(chunk, name, "t", G)
   end
   if fn then return fn end
-  if type(err) == "string" and sfind(err, "attempt to load a binary chunk", 1, true) then
-    err = "load: binary chunks are not available in the sandbox" .. HINT
-  end
-  return nil, err
+  return nil, clarify(err)
 end
 
--- The text of a readable Lua file (a leading #! line becomes a comment).
-local function source_of(fname, path, real)
+-- A readable Lua file as a function (nil, message if it is missing or does not
+-- compile). The host compiles it as text and caches the bytecode, which alone
+-- is loaded in binary mode; `...` is the environment, if given.
+local function load_file(fname, path, real, ...)
   if not real then
     local missing
     real, missing = readable(fname, path)
     if not real then return nil, missing end
   end
-  local f, err = io_open(real, "rb")
-  if not f then return nil, err end
-  local text, rerr = f:read("a")
-  f:close()
-  if not text then return nil, rerr end
-  if sbyte(text, 1) == 35 then text = "--" .. text end
-  return text
+  local code = host_compiled(real, "@" .. path)
+  if sbyte(code, 1) ~= 27 then return nil, clarify(code) end
+  if select("#", ...) > 0 then return raw_load(code, "@" .. path, "b", (...)) end
+  return raw_load(code, "@" .. path, "b", G)
 end
 
 local function sandbox_loadfile(path, mode, ...)
   if path == nil then error("loadfile: reading standard input" .. NOT_HERE, 2) end
-  local text, err = source_of("loadfile", path)
-  if not text then return nil, err end
-  return text_load(text, "@" .. path, mode, ...)
+  if mode ~= nil and type(mode) ~= "string" then arg_error(2, "loadfile", "string", mode) end
+  return load_file("loadfile", path, nil, ...)
 end
 
 local function sandbox_dofile(path)
   if path == nil then error("dofile: reading standard input" .. NOT_HERE, 2) end
-  local fn, err = sandbox_loadfile(path)
+  local fn, err = load_file("dofile", path)
   if not fn then error(err, 2) end
   return fn()
 end
@@ -248,9 +252,7 @@ local function lua_searcher(name)
   if type(path) ~= "string" then error("'package.path' must be a string", 2) end
   local file, real = find(name, path)
   if not file then return "\n\t" .. real end
-  local text, lerr = source_of("require", file, real)
-  local fn
-  if text then fn, lerr = text_load(text, "@" .. file) end
+  local fn, lerr = load_file("require", file, real)
   if not fn then
     error(sformat("error loading module '%s' from file '%s':\n\t%s", name, file, lerr), 2)
   end

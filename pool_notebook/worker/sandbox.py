@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import stat
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -103,9 +104,10 @@ class Sandbox:
     def __init__(self, lua: Any, policy: SandboxPolicy) -> None:
         self.policy = policy
         self._roots = _roots((*policy.package_dirs, policy.scenarios_dir))
+        self._compiler = _compiler(lua.__class__)
         chunk = lua.eval("load")(_bytecode(lua.__class__), "=<sandbox>", "b")
-        host = lua.table_from({"resolve": self.resolve, "getenv": policy.getenv,
-                               "log": policy.log,
+        host = lua.table_from({"resolve": self.resolve, "compiled": self.compiled,
+                               "getenv": policy.getenv, "log": policy.log,
                                "devices": lua.table_from(dict.fromkeys(_DEVICES, True))})
         self._prepend_path: Callable[[str], None] = chunk(host)
         self._prepend_path(_templates(policy.package_dirs))
@@ -137,6 +139,24 @@ class Sandbox:
     def _inside(self, path: str) -> bool:
         return any(_under(path, root) for root in self._roots)
 
+    def compiled(self, real: str, chunkname: str) -> bytes | str:
+        """Bytecode of the Lua text file ``real`` (a path :meth:`resolve` gave),
+        compiled here as text and cached per process by path, mtime, size and
+        inode; or the error text. Loading bytecode costs a fifth of parsing,
+        and ``require`` of a package parses the same files in every session."""
+        try:
+            st = os.stat(real)
+        except OSError as exc:
+            return f"cannot read {real}: {exc.strerror}"
+        if st.st_size > _MAX_SOURCE:
+            return f"{real} is larger than the {_MAX_SOURCE >> 20} MiB a Lua file may have here"
+        key = (chunkname, real, st.st_mtime_ns, st.st_size, st.st_ino)
+        code = _COMPILED.get(key)
+        if code is None:
+            code = _compile(self._compiler, real, chunkname)
+            _COMPILED.put(key, code)
+        return code
+
 
 def _roots(dirs: Iterable[str]) -> list[str]:
     """Each directory as given (absolute) and as its real path (for misses and hits)."""
@@ -157,14 +177,63 @@ def _inspect(path: str) -> tuple[str, int]:
         os.close(fd)
 
 
+class _ByteCache:
+    """A least-recently-used map whose values' total length stays within a budget."""
+
+    def __init__(self, budget: int) -> None:
+        self._items: OrderedDict[tuple[Any, ...], bytes | str] = OrderedDict()
+        self._size = 0
+        self._budget = budget
+
+    def get(self, key: tuple[Any, ...]) -> bytes | str | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[Any, ...], value: bytes | str) -> None:
+        old = self._items.pop(key, None)
+        self._size += len(value) - (len(old) if old is not None else 0)
+        self._items[key] = value
+        while self._size > self._budget and len(self._items) > 1:
+            _, dropped = self._items.popitem(last=False)
+            self._size -= len(dropped)
+
+
+_MAX_SOURCE = 16 << 20
+_COMPILED = _ByteCache(64 << 20)
+_COMPILE = """function(text, name)
+  local fn, err = load(text, name, 't')
+  if not fn then return err end
+  return string.dump(fn)
+end"""
+
+
+@functools.cache
+def _compiler(runtime_class: type) -> Any:
+    """A Lua function (in a private runtime) turning source text into bytecode,
+    or into the error text; it only compiles, as text, and never runs anything."""
+    return runtime_class(encoding=None).eval(_COMPILE)
+
+
+def _compile(compiler: Any, path: str, chunkname: str) -> bytes | str:
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if text.startswith(b"#"):  # a #! line, skipped as lua.c and loadfile do
+        text = b"--" + text
+    code: bytes = compiler(text, chunkname.encode("utf-8"))
+    return code if code.startswith(b"\x1bLua") else code.decode("utf-8", "replace")
+
+
 @functools.cache
 def _bytecode(runtime_class: type) -> bytes:
-    """``sandbox.lua`` compiled once per process: loading the bytecode into each
-    new runtime costs a fifth of parsing the source again (~60 µs instead of ~280)."""
+    """``sandbox.lua`` itself, compiled once per process (see :meth:`Sandbox.compiled`)."""
     source = resources.files(__package__).joinpath("sandbox.lua").read_bytes()
-    compiler = runtime_class(encoding=None)
-    dump = compiler.eval("function(s) return string.dump(assert(load(s, '=<sandbox>', 't'))) end")
-    code: bytes = dump(source)
+    code = _compiler(runtime_class)(source, b"=<sandbox>")
+    assert isinstance(code, bytes) and code.startswith(b"\x1bLua"), code
     return code
 
 
