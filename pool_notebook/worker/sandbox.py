@@ -217,8 +217,10 @@ def _compiler(runtime_class: type) -> Any:
 
 
 def _compile(compiler: Any, path: str, chunkname: str) -> bytes | str:
-    try:
-        with open(path, "rb") as f:
+    try:  # non-blocking and re-checked: the file may have been swapped since resolve()
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return f"{path} {_NOT_FILE}"
             text = f.read()
     except OSError as exc:
         return f"cannot read {path}: {exc.strerror}"
