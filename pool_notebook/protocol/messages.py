@@ -544,16 +544,14 @@ def decode_response(line: bytes, request_size: int = 0) -> Response:
     return Response(ok, data, error, obj, len(line), request_size)
 
 
-def encode_response(data: ResponseData | Mapping[str, Any]) -> bytes:
+def encode_response(data: ResponseData) -> bytes:
     """Worker side: the ``ok:true`` line carrying ``data``.
 
-    (A plain mapping is accepted only while the worker moves to the typed
-    classes; it goes out as is.) Raises ``ResponseEncodeError`` when ``data``
-    holds something JSON cannot carry (NaN, a non-string key, a cycle);
-    algocline answers that case with ``ok:false`` "result serialize failed: ...".
+    Raises ``ResponseEncodeError`` when ``data`` holds something JSON cannot
+    carry (NaN, a non-string key, a cycle); algocline answers that case with
+    ``ok:false`` "result serialize failed: ...".
     """
-    body = dict(data) if isinstance(data, Mapping) else data.to_json()
-    return dumps_line({"ok": True, "data": body, "error": None}, ResponseEncodeError)
+    return dumps_line({"ok": True, "data": data.to_json(), "error": None}, ResponseEncodeError)
 
 
 def error_response(message: str) -> bytes:
