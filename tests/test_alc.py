@@ -409,6 +409,20 @@ def test_card_aliases_find_samples_and_lineage(w: SharedWorker) -> None:
         {metadata = {prior_relation = {starts_with = 'sweep'}}}}}, order_by = 'card_id',
         limit = 5})""")
     assert [c["card_id"] for c in found] == ["lin_a", "lin_c"]
+    for where, expected in [
+        ("{card_id = {['in'] = {'lin_a', 'lin_c'}}}", ["lin_a", "lin_c"]),
+        ("{metadata = {prior_card_id = {exists = false}}}", ["lin_a"]),
+        ("{card_id = {nin = {'lin_a'}}, stats = {pass_rate = {lt = 0.8}}}", ["lin_c"]),
+        ("{metadata = {prior_relation = {contains = 'variant'}}}", ["lin_c"]),
+        ("{_not = {stats = {pass_rate = {gte = 0.6}}}}", ["lin_a"]),
+        ("{_and = {{stats = {n = {exists = false}}}, {card_id = {ne = 'lin_b'}}}}",
+         ["lin_a", "lin_c"]),
+    ]:
+        found = w.run(f"return alc.card.find({{pkg = 'lin', where = {where},"
+                      " order_by = 'card_id'})")
+        assert [c["card_id"] for c in found] == expected, where
+    with fails("_or must be an array of sub-predicates"):
+        w.run("return alc.card.find({where = {_or = 1}})")
     written = w.run("return alc.card.write_samples('lin_a', {{i = 1, ok = true}, {i = 2}})")
     assert written["count"] == 2 and written["path"].endswith("lin/lin_a.samples.jsonl")
     assert w.run("return alc.card.read_samples('lin_a', {where = {ok = true}})") == \
