@@ -91,6 +91,7 @@ def wire() -> Iterator[Wire]:
             "data.txt": "hello from lib\nsecond line\n",
             "mod_ok.lua": "return { answer = 42, args = { ... } }",
             "shebang.lua": "#!/usr/bin/env lua\nreturn 'ran'",
+            "forkprobe/init.lua": "return {run = function() return io.popen('id'):read('a') end}",
         })
         (lib / "link_out.txt").symlink_to(outside / "secret.txt")
         (lib / "linked.lua").symlink_to(outside / "secret.lua")
@@ -281,6 +282,8 @@ ATTEMPTS = [
     Attempt("rawset-loaded-then-require",
             "rawset(package.loaded, 'io', nil); return require('io').popen('id')",
             "module 'io' not found"),
+    Attempt("fork-child-vm", "local r = alc.fork({'forkprobe'}, {})[1]\n"
+            "error(tostring(r.error or r.result), 0)", f"io.popen {NA}"),
     # coroutines and error objects
     Attempt("coroutine-wrap-registry",
             "return coroutine.wrap(function() return debug.getregistry() end)()",
