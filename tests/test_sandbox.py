@@ -44,9 +44,9 @@ class Wire:
     ctx: dict[str, str]
     lib: Path
 
-    def run(self, code: str, **extra: Any) -> Finished:
-        feed = self.runner.run(self.client.run(code, ctx={**self.ctx, **extra},
-                                               lib_paths=[str(self.lib)], timeout=30))
+    def run(self, code: str) -> Finished:
+        feed = self.runner.run(self.client.run(code, ctx=self.ctx, lib_paths=[str(self.lib)],
+                                               timeout=30))
         assert isinstance(feed.feed_result, Finished), feed.feed_result
         return feed.feed_result
 
