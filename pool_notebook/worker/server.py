@@ -17,9 +17,9 @@ keeps the faults out:
 - the socket directory is created private, and an existing one is used only if
   it is safe, never chmodded (:func:`pool_notebook.security.ensure_private_dir`).
 
-When a greeted client goes away, a paused session waits for a reconnect;
-otherwise the worker exits (algocline's rule). Graceful exits remove the
-socket, the registry entry and the worker's log file.
+When a client that completed its handshake goes away, a paused session waits
+for a reconnect; otherwise the worker exits (algocline's rule). Graceful exits
+remove the socket, the registry entry and the worker's log file.
 """
 
 from __future__ import annotations
@@ -257,15 +257,16 @@ class Worker:
         self._last_activity = asyncio.get_running_loop().time()
         conn.activate()
 
-    def _gone(self, conn: _ClientConnection, greeted: bool) -> None:
-        """A connection ended: a greeted client's leaving may end the worker."""
+    def _gone(self, conn: _ClientConnection, client_left: bool) -> None:
+        """A connection ended; ``client_left``: the client hung up after its handshake
+        (not refused, timed out or closed by us), which may end the worker."""
         with contextlib.suppress(ValueError):
             self._waiting.remove(conn)
         if self._active is not conn:
             return
         self._active = None
         self._last_activity = asyncio.get_running_loop().time()
-        if greeted:
+        if client_left:
             self.interrupt("client disconnected")
             if self.lua_running:
                 return  # decided when the interrupted call returns (_after_lua)
@@ -474,13 +475,12 @@ class _ClientConnection(asyncio.Protocol):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # the client itself left after greeting (not: never greeted, or closed by us)
-        greeted = self.machine.state in (WorkerState.READY, WorkerState.BUSY)
+        client_left = self.machine.state in (WorkerState.READY, WorkerState.BUSY)
         self.closed = True
         self.machine.connection_lost()
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
-        self.worker._gone(self, greeted)
+        self.worker._gone(self, client_left)
 
     def pause_writing(self) -> None:
         self._write_paused = True  # the client does not read its replies: stop reading
