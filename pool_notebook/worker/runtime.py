@@ -18,9 +18,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -769,29 +771,55 @@ class LuaSession:
 
 
 class SessionFactory:
-    """Builds :class:`LuaSession` objects with one VM built ahead of time.
+    """Builds :class:`LuaSession` objects, keeping the next VM built ahead.
 
-    ``new`` takes the ready VM (or builds one); call ``prewarm`` in the Lua
-    thread when it is idle (e.g. right after a reply is sent) to build the next.
+    Building a VM (runtime, driver, sandbox, ``alc`` prelude) is most of a short
+    session's cost, so it happens off the request path: ``new`` hands out the
+    VM built ahead (waiting for it if it is still being built) and starts
+    building the next one on a background thread. ``prewarm`` starts that
+    build without a session (e.g. at worker start); ``wait=True`` also waits.
     """
 
     def __init__(self, *, sandbox: bool = True, max_memory: int = DEFAULT_MAX_MEMORY,
                  allow_env: Iterable[str] = frozenset()) -> None:
         self._build: Callable[[], LuaSession] = lambda: LuaSession(
             sandbox=sandbox, max_memory=max_memory, allow_env=frozenset(allow_env))
-        self._ready: LuaSession | None = None
+        self._next: Future[LuaSession] | None = None
+        self._lock = threading.Lock()
 
     def new(self, session_id: str, code: str, *, ctx: Any = None,
             lib_paths: Sequence[str] = ()) -> LuaSession:
-        """A session bound to ``code``, on the warm VM when one is ready."""
-        session, self._ready = self._ready or self._build(), None
+        """A session bound to ``code``, on the VM built ahead when there is one."""
+        with self._lock:
+            built, self._next = self._next, None
+        session = _result(built) if built is not None else None
+        if session is None:
+            session = self._build()
+        self.prewarm(wait=False)
         session.bind(session_id, code, ctx=ctx, lib_paths=lib_paths)
         return session
 
-    def prewarm(self) -> None:
-        """Build the next session's VM now, if none is ready."""
-        if self._ready is None:
-            self._ready = self._build()
+    def prewarm(self, *, wait: bool = True) -> None:
+        """Start building the next session's VM unless one is built or building."""
+        with self._lock:
+            if self._next is None:
+                self._next = _BUILDER.submit(self._build)
+            building = self._next
+        if wait:
+            _result(building)
+
+
+#: Builds VMs ahead for every SessionFactory (one thread: builds do not pile up).
+_BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lua-prewarm")
+
+
+def _result(built: Future[LuaSession]) -> LuaSession | None:
+    """The VM built ahead, or None (logged) if building it failed."""
+    try:
+        return built.result()
+    except Exception:  # the caller builds one itself, which raises where it belongs
+        log.exception("building a Lua VM ahead failed")
+        return None
 
 
 def _usage(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
