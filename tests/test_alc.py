@@ -64,6 +64,10 @@ def test_json_decode_values_and_errors(w: SharedWorker) -> None:
     assert w.run("""local v = alc.json_decode('{"a":1,"b":"two","c":[true,false]}')
                     return {v.a, v.b, #v.c, math.type(v.a)}""") == [1, "two", 2, "integer"]
     assert w.run("return alc.json_decode('3.5') + 1") == 4.5
+    assert w.run("local v = alc.json_decode('[9007199254740993, 123456789012345678901234567890]')"
+                 " return {math.type(v[1]), math.type(v[2])}") == ["integer", "float"]
+    with fails("alc.json_decode: NaN is not valid JSON"):
+        w.run("return alc.json_decode('[NaN]')")
     assert w.run("""local ok, e = pcall(alc.json_decode, '{bad')
                     return {ok, type(e), e:match('^alc.json_decode') ~= nil}""") == \
         [False, "string", True]

@@ -36,6 +36,17 @@ __all__ = ["host_functions"]
 _LEVELS = frozenset({"error", "warn", "info", "debug"})
 
 
+def _json_int(text: str) -> int | float:
+    """A JSON integer as serde_json reads it: i64, else a float (Lua has no bigger ints)."""
+    n = int(text)
+    return n if -2**63 <= n < 2**63 else float(n)
+
+
+def _no_constant(name: str) -> Any:
+    """NaN / Infinity are not JSON (Python's json accepts them, serde_json does not)."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _opt(table: Any, key: str, kind: type | tuple[type, ...]) -> Any:
     """``table[key]`` when ``table`` is a dict and the value has type ``kind``, else None."""
     if not isinstance(table, dict):
@@ -140,7 +151,7 @@ class _Bridge:
     def json_decode(self, text: Any) -> Any:
         _text(text, "alc.json_decode", "the argument")
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_int=_json_int, parse_constant=_no_constant)
         except (ValueError, RecursionError) as exc:
             raise ValueError(f"alc.json_decode: {exc}") from None
         self.reserve(value, "alc.json_decode")
