@@ -219,3 +219,68 @@ def test_an_incomplete_line_keeps_reading_until_it_completes_or_overflows() -> N
     assert conn.next_event() == RequestReceived(Status())
     conn.send_reply(STATUS_REPLY)
     assert conn.next_event() == RequestReceived(Status())
+
+
+# Every (state, input) pair: the event handed out, the state after, and the reply's gist.
+_BAD_HELLO = b'{"op":"handshake","version":"0.0.0"}\n'
+_STATUS = b'{"op":"status"}\n'
+_JUNK = b"junk\n"
+_LONG = b"x" * 80  # over max_line_bytes=64, no newline
+_INPUTS = {"hello": HELLO, "bad hello": _BAD_HELLO, "status": _STATUS, "junk": _JUNK,
+           "too long": _LONG}
+_TABLE = {
+    # state: {input: (event type, state after, ok of the reply or None for none)}
+    WorkerState.AWAIT_HANDSHAKE: {
+        "hello": (NeedData, WorkerState.READY, True),
+        "bad hello": (NeedData, WorkerState.AWAIT_HANDSHAKE, False),
+        "status": (NeedData, WorkerState.AWAIT_HANDSHAKE, False),
+        "junk": (NeedData, WorkerState.AWAIT_HANDSHAKE, False),
+        "too long": (ConnectionClosing, WorkerState.CLOSING, False),
+    },
+    WorkerState.READY: {
+        "hello": (NeedData, WorkerState.READY, True),
+        "bad hello": (NeedData, WorkerState.READY, False),
+        "status": (RequestReceived, WorkerState.BUSY, None),
+        "junk": (NeedData, WorkerState.READY, False),
+        "too long": (ConnectionClosing, WorkerState.CLOSING, False),
+    },
+    WorkerState.BUSY: {  # nothing is looked at until the owed reply is given
+        "hello": (NeedData, WorkerState.BUSY, None),
+        "bad hello": (NeedData, WorkerState.BUSY, None),
+        "status": (NeedData, WorkerState.BUSY, None),
+        "junk": (NeedData, WorkerState.BUSY, None),
+        "too long": (NeedData, WorkerState.BUSY, None),
+    },
+    WorkerState.CLOSING: {name: (ConnectionClosing, WorkerState.CLOSING, None)
+                          for name in _INPUTS},
+    WorkerState.CLOSED: {name: (NeedData, WorkerState.CLOSED, None) for name in _INPUTS},
+}
+
+
+def _in_state(state: WorkerState) -> WorkerConnection:
+    conn = WorkerConnection(V, max_line_bytes=64)
+    if state is not WorkerState.AWAIT_HANDSHAKE:
+        conn.receive_data(HELLO)
+        conn.next_event()
+    if state is WorkerState.BUSY:
+        conn.receive_data(_STATUS)
+        conn.next_event()
+    elif state is WorkerState.CLOSING:
+        conn.close_after_reply("test")
+    elif state is WorkerState.CLOSED:
+        conn.connection_lost()
+    conn.data_to_send()
+    assert conn.state is state
+    return conn
+
+
+@pytest.mark.parametrize("state", list(WorkerState))
+@pytest.mark.parametrize("name", list(_INPUTS))
+def test_every_state_and_input(state: WorkerState, name: str) -> None:
+    event_type, after, ok = _TABLE[state][name]
+    conn = _in_state(state)
+    conn.receive_data(_INPUTS[name])
+    assert isinstance(conn.next_event(), event_type)
+    assert conn.state is after
+    out = replies(conn)
+    assert [r["ok"] for r in out] == ([] if ok is None else [ok])
