@@ -352,6 +352,8 @@ def test_state_functions_persist_per_namespace(w: SharedWorker) -> None:
     assert on_disk["x"] == [1, 2] and on_disk["n"] == 3.5
     # the next session sees it; another namespace does not
     assert w.run("return alc.state.get('once')", ctx={"_ns": ns}) == "a"
+    assert w.run("alc.state.set('nothing', nil) return {alc.state.get('nothing', 1) == alc.null,"
+                 " alc.state.has('nothing')}", ctx={"_ns": ns}) == [True, True]
     assert w.run("return alc.state.get('once', 'none')") == "none"
     with fails("incr: value at 'x' is not a number"):
         w.run("return alc.state.incr('x')", ctx={"_ns": ns})

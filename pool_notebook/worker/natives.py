@@ -173,7 +173,7 @@ class _Bridge:
             if not found:
                 return args[0] if args else None
             self.reserve(value, "alc.state.get")
-            return self.lua(value)
+            return self.session.null if value is None else self.lua(value)
         if op in ("set", "set_nx"):
             value = self.py(args[0] if args else None)
             if op == "set_nx" and self.state.has(ns, key):
