@@ -80,6 +80,22 @@ def test_handshake_mismatch_text_and_connection_stays_open(start_worker: StartWo
     assert conn.ask({"op": "status"})["ok"] is True
 
 
+def test_auto_version_rehandshakes_on_the_same_connection(start_worker: StartWorker) -> None:
+    # Because a mismatch keeps the connection open (row above), PoolClient's
+    # version="auto" answers a worker of another release on the same connection.
+    worker = start_worker("--protocol-version", "0.40.2")
+
+    async def main() -> None:
+        client = await PoolClient.connect(worker.sock, version="auto")
+        async with client:
+            assert client.server_version == "0.40.2"
+            assert (await client.status()).has_session is False
+            await client.shutdown()
+
+    run(main())
+    assert _exit_status(worker) == 0
+
+
 def test_a_second_handshake_is_answered_again(start_worker: StartWorker) -> None:
     # pool_worker.rs dispatch(Handshake) has no "already greeted" state: it answers again.
     conn = start_worker().connect()
