@@ -575,6 +575,13 @@ def test_eval_runs_a_strategy_on_an_inline_scenario_and_emits_a_card(
     assert card["pkg"]["name"] == "say" and card["stats"]["n"] == 2
     with fails("could not resolve scenario 'no_such_scenario'"):
         w.run("return alc.eval('no_such_scenario', 'say')", lib_paths=lib_paths)
+    # a named scenario from the scenarios directory (alc._dirs.scenarios), simple form
+    scenarios = w.home / "alc" / "scenarios"
+    scenarios.mkdir(parents=True, exist_ok=True)
+    (scenarios / "mine.lua").write_text(
+        "return {graders = {'contains'}, cases = {{input = 'q', expected = '4'}}}")
+    report = w.run("return alc.eval('mine', 'say')", lambda q: "it is 4", lib_paths=lib_paths)
+    assert report["name"] == "say:mine" and report["aggregated"]["passed"] == 1
 
 
 @pytest.mark.skipif(not (CORPUS / "evalframe").is_dir(), reason="pinned corpus is absent")
