@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import stat
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -151,10 +152,11 @@ class Sandbox:
         if st.st_size > _MAX_SOURCE:
             return f"{real} is larger than the {_MAX_SOURCE >> 20} MiB a Lua file may have here"
         key = (chunkname, real, st.st_mtime_ns, st.st_size, st.st_ino)
-        code = _COMPILED.get(key)
-        if code is None:
-            code = _compile(self._compiler, real, chunkname)
-            _COMPILED.put(key, code)
+        with _COMPILING:  # VMs may be built and run on different threads
+            code = _COMPILED.get(key)
+            if code is None:
+                code = _compile(self._compiler, real, chunkname)
+                _COMPILED.put(key, code)
         return code
 
 
@@ -202,6 +204,7 @@ class _ByteCache:
 
 _MAX_SOURCE = 16 << 20
 _COMPILED = _ByteCache(64 << 20)
+_COMPILING = threading.Lock()
 _COMPILE = """function(text, name)
   local fn, err = load(text, name, 't')
   if not fn then return err end
