@@ -427,6 +427,8 @@ def test_card_aliases_find_samples_and_lineage(w: SharedWorker) -> None:
         found = w.run(f"return alc.card.find({{pkg = 'lin', where = {where},"
                       " order_by = 'card_id'})")
         assert [c["card_id"] for c in found] == expected, where
+    with fails("alc.card.find: limit must be a non-negative integer, got -1"):
+        w.run("return alc.card.find({limit = -1})")
     with fails("_or must be an array of sub-predicates"):
         w.run("return alc.card.find({where = {_or = 1}})")
     written = w.run("return alc.card.write_samples('lin_a', {{i = 1, ok = true}, {i = 2}})")

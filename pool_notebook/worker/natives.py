@@ -57,6 +57,18 @@ def _opt(table: Any, key: str, kind: type | tuple[type, ...]) -> Any:
     return value if isinstance(value, kind) else None
 
 
+def _count(table: Any, key: str, fname: str) -> int | None:
+    """``table[key]`` as a non-negative integer (a usize for algocline), None if absent."""
+    value = table.get(key) if isinstance(table, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{fname}: {key} must be a non-negative integer, got {value!r}")
+    return value
+
+
 def _text(value: Any, fname: str, what: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{fname}: {what} must be a string, got {_lua_type(value)}")
@@ -213,8 +225,9 @@ class _Bridge:
         if op == "find":
             q = first if isinstance(first, dict) else {}
             return self.lua(cards.find(pkg=_opt(q, "pkg", str), where=q.get("where"),
-                                       order_by=q.get("order_by"), limit=_opt(q, "limit", int),
-                                       offset=_opt(q, "offset", int)))
+                                       order_by=q.get("order_by"),
+                                       limit=_count(q, "limit", "alc.card.find"),
+                                       offset=_count(q, "offset", "alc.card.find")))
         if op == "sink_backfill":
             if not isinstance(first, dict) or not isinstance(first.get("sink"), str):
                 raise ValueError("alc.card.sink_backfill: params.sink must be a string")
@@ -226,7 +239,7 @@ class _Bridge:
             return self.lua(cards.lineage(
                 _text(first.get("card_id"), "alc.card.lineage", "card_id"),
                 direction=_opt(first, "direction", str) or "up",
-                depth=_opt(first, "depth", int),
+                depth=_count(first, "depth", "alc.card.lineage"),
                 include_stats=first.get("include_stats") is not False,
                 relation_filter=[str(r) for r in filt] if isinstance(filt, list) else None))
         card_id = _text(first, f"alc.card.{op}", "the first argument")
@@ -247,8 +260,10 @@ class _Bridge:
             path, count = cards.write_samples(card_id, second)
             return self.lua({"path": path, "count": count})
         if op == "read_samples":
-            samples = cards.read_samples(card_id, offset=_opt(second, "offset", int) or 0,
-                                         limit=_opt(second, "limit", int),
+            samples = cards.read_samples(card_id,
+                                         offset=_count(second, "offset", "alc.card.read_samples")
+                                         or 0,
+                                         limit=_count(second, "limit", "alc.card.read_samples"),
                                          where=_opt(second, "where", dict))
             self.reserve(samples, "alc.card.read_samples")
             return self.lua(samples)
