@@ -170,6 +170,11 @@ def test_max_memory_must_be_positive() -> None:
             LuaSession(max_memory=bad)
 
 
+def test_a_factory_refuses_bad_environment_names_when_it_is_made() -> None:
+    with pytest.raises(InvalidArgument, match="--allow-env"):
+        SessionFactory(allow_env={"BAD=NAME"})
+
+
 # ------------------------------------------------------------------ interrupt
 
 

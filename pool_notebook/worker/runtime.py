@@ -782,8 +782,10 @@ class SessionFactory:
 
     def __init__(self, *, sandbox: bool = True, max_memory: int = DEFAULT_MAX_MEMORY,
                  allow_env: Iterable[str] = frozenset()) -> None:
+        allow = frozenset(allow_env)
+        SandboxPolicy(allow_env=allow)  # InvalidArgument now (worker start), not at each run
         self._build: Callable[[], LuaSession] = lambda: LuaSession(
-            sandbox=sandbox, max_memory=max_memory, allow_env=frozenset(allow_env))
+            sandbox=sandbox, max_memory=max_memory, allow_env=allow)
         self._next: Future[LuaSession] | None = None
         self._lock = threading.Lock()
 
