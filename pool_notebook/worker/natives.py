@@ -1,10 +1,11 @@
 """The native half of the ``alc`` API: Python functions handed to ``alc.lua`` as ``host``.
 
 ``alc.lua`` (the pure-Lua half, like algocline's prelude) receives the table
-built by :func:`host_functions` and wires ``alc.*`` to it; it also turns every
-exception raised here into a plain Lua error string. Values crossing into Lua
-go through the session's ``to_lua`` / ``to_py`` conversions, so Lua never sees
-a Python object. What lives on disk (state, cards) is in :mod:`.stores`, the
+built by :func:`host_functions` and wires ``alc.*`` to it. Every host function
+answers ``(true, results...)`` or ``(false, message)`` (see :func:`_guarded`),
+which ``alc.lua`` raises as a plain Lua error. Values crossing into Lua go
+through the session's ``to_lua`` / ``to_py`` conversions, so Lua never sees a
+Python object. What lives on disk (state, cards) is in :mod:`.stores`, the
 numerics of ``alc.math`` in :mod:`.mathlib`, text helpers in :mod:`.textops`.
 """
 
@@ -24,16 +25,16 @@ from .stores import CardStore, StateStore, StoreError
 if TYPE_CHECKING:
     from .runtime import LuaSession, Step
 
+__all__ = ["host_functions"]
+
+#: alc.log's levels (others are logged as info, as algocline does).
+_LEVELS = frozenset({"error", "warn", "info", "debug"})
+
 
 def lua_size(value: Any) -> int:
     """runtime.lua_size: Lua bytes of a JSON-able value (runtime imports this module)."""
     from .runtime import lua_size as size
     return size(value)
-
-__all__ = ["host_functions"]
-
-#: alc.log's levels (others are logged as info, as algocline does).
-_LEVELS = frozenset({"error", "warn", "info", "debug"})
 
 
 def _json_int(text: str) -> int | float:
