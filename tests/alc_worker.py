@@ -52,7 +52,8 @@ class SharedWorker:
         self.client = None
 
     async def session(self, code: str, respond: Responder, *, ctx: Any = None,
-                      lib_paths: Sequence[str] = (), max_queries: int = 2000) -> Any:
+                      lib_paths: Sequence[str] = (), max_queries: int = 2000,
+                      usage: Mapping[str, int] | None = None) -> Any:
         client = await self.connect()
         feed = await client.run(code, ctx=ctx, lib_paths=lib_paths)
         while isinstance(feed.feed_result, Paused):
@@ -60,7 +61,7 @@ class SharedWorker:
                 self.queries.append(query)
                 assert len(self.queries) <= max_queries, f"more than {max_queries} queries"
                 feed = await client.continue_(feed.session_id, respond(query),
-                                              query_id=query.id)
+                                              query_id=query.id, usage=usage)
         outcome = feed.feed_result.outcome
         self.metrics = feed.feed_result.metrics
         if isinstance(outcome, Failed):

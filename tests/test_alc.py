@@ -494,6 +494,17 @@ def test_budget_counts_llm_calls(w: SharedWorker) -> None:
         w.run("alc.llm('a'); alc.llm('b'); return alc.llm('c')", echo, ctx=ctx)
     assert w.run("alc.llm('a'); alc.llm('b'); return alc.budget_check()", echo, ctx=ctx) is False
     assert w.run("return {alc.budget_remaining() == nil, alc.budget_check()}") == [True, True]
+    tokens = {"budget": {"max_tokens": 25}}
+    assert w.run("alc.llm('a') local r = alc.budget_remaining()"
+                 " return {r.tokens, r.llm_calls == alc.null}", echo, ctx=tokens,
+                 usage={"prompt_tokens": 6, "completion_tokens": 4}) == [15, True]
+    with fails("budget_exceeded: max_tokens (25) reached (30 used)"):
+        w.run("for i = 1, 5 do alc.llm('a') end", echo, ctx=tokens,
+              usage={"prompt_tokens": 6, "completion_tokens": 4})
+    assert w.run("return alc.budget_remaining().elapsed_ms",
+                 ctx={"budget": {"max_elapsed_ms": 60000}}) > 50000
+    with fails("budget_exceeded: max_elapsed_ms (0ms) reached"):
+        w.run("return alc.llm('late')", ctx={"budget": {"max_elapsed_ms": 0}})
 
 
 def test_math_rng_is_reproducible_per_seed(w: SharedWorker) -> None:
