@@ -774,10 +774,11 @@ class SessionFactory:
     """Builds :class:`LuaSession` objects, keeping the next VM built ahead.
 
     Building a VM (runtime, driver, sandbox, ``alc`` prelude) is most of a short
-    session's cost, so it happens off the request path: ``new`` hands out the
-    VM built ahead (waiting for it if it is still being built) and starts
-    building the next one on a background thread. ``prewarm`` starts that
-    build without a session (e.g. at worker start); ``wait=True`` also waits.
+    session's cost, so it happens off the request path: ``prewarm(wait=False)``
+    (at worker start, and after each reply is sent) builds the next VM on a
+    background thread, and ``new`` hands it out (waiting for it if it is still
+    being built, building one itself if none was asked for).
+    ``prewarm()`` (``wait=True``) builds and waits.
     """
 
     def __init__(self, *, sandbox: bool = True, max_memory: int = DEFAULT_MAX_MEMORY,
@@ -797,7 +798,6 @@ class SessionFactory:
         session = _result(built) if built is not None else None
         if session is None:
             session = self._build()
-        self.prewarm(wait=False)
         session.bind(session_id, code, ctx=ctx, lib_paths=lib_paths)
         return session
 
