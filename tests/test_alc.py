@@ -639,8 +639,8 @@ def test_json_too_big_for_the_memory_cap_is_a_lua_error() -> None:
 
 @pytest.mark.usefixtures("pool_home")
 def test_state_is_charged_per_key_while_it_stands() -> None:
-    """Setting one key again and again (or deleting it) does not use up the cap; many
-    distinct big keys do, with the cap named."""
+    """Setting one key (or stat) again and again, or deleting it, does not use up the cap;
+    many distinct big keys do, with the cap named."""
     mib = "('x'):rep(2^20)"
 
     async def main() -> list[Any]:
@@ -652,9 +652,10 @@ def test_state_is_charged_per_key_while_it_stands() -> None:
                        f"for i = 1, 40 do alc.state.set('same', {mib} .. i) end return 'ok'",
                        f"for i = 1, 40 do alc.state.set('k', {mib}); alc.state.delete('k') end"
                        " return 'ok'",
+                       f"for i = 1, 40 do alc.stats.record('s', {mib}) end return 'ok'",
                        f"for i = 1, 40 do alc.state.set('k' .. i, {mib}) end return 'ok'")]
             await client.shutdown()
             return out
-    same, deleted, many = asyncio.run(asyncio.wait_for(main(), 120))
-    assert same.result == "ok" and deleted.result == "ok"
+    same, deleted, stat, many = asyncio.run(asyncio.wait_for(main(), 120))
+    assert same.result == "ok" and deleted.result == "ok" and stat.result == "ok"
     assert "memory cap of 16 MiB" in many.error

@@ -118,7 +118,7 @@ class _Bridge:
         self.cards = CardStore(root / "cards")
         self.math_lib = MathLib()
         self.forks: dict[int, list[_Child]] = {}
-        self.state_sizes: dict[tuple[str, str], int] = {}
+        self.slot_sizes: dict[tuple[str, ...], int] = {}
 
     # ------------------------------------------------------------------ values
 
@@ -134,12 +134,12 @@ class _Bridge:
         """Count data the worker keeps for the session against its memory cap."""
         self.session.charge(lua_size(value), what)
 
-    def charge_state(self, ns: str, key: str, size: int, what: str) -> None:
-        """Count a state value as the session's while it stands: a key set again is
-        charged only for the difference, a deleted one is given back."""
-        before = self.state_sizes.get((ns, key), 0)
+    def charge_slot(self, slot: tuple[str, ...], size: int, what: str) -> None:
+        """Count a value the session keeps under a name (a state key, a stat) while it
+        stands: set again, only the difference is charged; deleted, it is given back."""
+        before = self.slot_sizes.get(slot, 0)
         self.session.charge(size - before, what)
-        self.state_sizes[(ns, key)] = size
+        self.slot_sizes[slot] = size
 
     # ------------------------------------------------------------------ log, json
 
@@ -191,14 +191,14 @@ class _Bridge:
             value = self.py(args[0] if args else None)
             if op == "set_nx" and self.state.has(ns, key):
                 return False
-            self.charge_state(ns, key, lua_size(value), f"alc.state.{op}")
+            self.charge_slot(("state", ns, key), lua_size(value), f"alc.state.{op}")
             if op == "set":
                 self.state.set(ns, key, value)
                 return None
             return self.state.set_nx(ns, key, value)
         if op == "delete":
             self.state.delete(ns, key)
-            self.charge_state(ns, key, 0, "alc.state.delete")
+            self.charge_slot(("state", ns, key), 0, "alc.state.delete")
             return None
         if op == "has":
             return self.state.has(ns, key)
@@ -273,9 +273,9 @@ class _Bridge:
     # ------------------------------------------------------------------ the rest
 
     def stats_record(self, key: Any, value: Any) -> None:
-        converted = self.py(value)
-        self.charge(converted, "alc.stats.record")
-        self.session.stats[_text(key, "alc.stats.record", "key")] = converted
+        name, converted = _text(key, "alc.stats.record", "key"), self.py(value)
+        self.charge_slot(("stats", name), lua_size(converted), "alc.stats.record")
+        self.session.stats[name] = converted
 
     def stats_get(self, key: Any) -> Any:
         return self.lua(self.session.stats.get(_text(key, "alc.stats.get", "key")))
