@@ -10,7 +10,8 @@
 2. the ``cot`` package (depth 3, four instant answers) as our session (warm VM,
    sandbox on) against the same Lua in a bare ``lupa`` runtime whose ``alc.llm``
    is an in-process stub returning the answer, with the bare runtime built
-   inside the timing (what a fresh VM costs) and outside it (target: ours <= 1.2x);
+   inside the timing (what a fresh VM costs) and outside it (target: ours <= 1.2x),
+   and a tight arithmetic loop, where the interrupt hook costs most;
 3. through a real worker over its socket, before (git ``REF``) and after (the
    working tree): ``run`` of ``return 1``, and ``run`` + ``continue`` of one
    ``alc.llm`` call, back to back (sessions as fast as VMs can be built) and
@@ -108,6 +109,26 @@ def in_process(rounds: int, n: int) -> None:
           f"cold/warm = {_median_us(cold) / _median_us(warm):.1f}x")
 
 
+LOOP = "local s = 0 for i = 1, 3e6 do s = s + i % 7 end return s"
+
+
+def hook_cost(rounds: int) -> None:
+    """What interruptibility costs: a tight arithmetic loop under the count hook."""
+    factory = SessionFactory()
+    ours: list[float] = []
+    bare: list[float] = []
+    for _ in range(rounds * 3):
+        factory.prewarm()
+        ours.append(_time(lambda: _drive(factory.new("s-b", LOOP))))
+        run = _bare_runtime()
+        bare.append(_time(lambda: run(LOOP)))  # noqa: B023 - called at once
+    o, b = statistics.median(ours) * 1e3, statistics.median(bare) * 1e3
+    print(f"\n## the interrupt hook's price: a tight loop of 3e6 iterations, {rounds * 3} rounds\n")
+    print(f"ours {o:.1f} ms, bare lupa {b:.1f} ms: {o / b:.2f}x (Lua 5.4 checks a count "
+          "hook at every instruction; code that builds strings or waits for answers "
+          "hardly notices, see cot)")
+
+
 def cot(rounds: int, n: int) -> None:
     if not PACKAGES.is_dir():
         print(f"\n(cot skipped: {PACKAGES} is absent)")
@@ -197,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("POOL_NOTEBOOK_HOME", tempfile.mkdtemp(prefix="pnb-home-"))
     in_process(opts.rounds, opts.n)
     cot(opts.rounds, max(opts.n // 3, 1))
+    hook_cost(opts.rounds)
     asyncio.run(wire(opts.before, opts.rounds, opts.n))
 
 

@@ -387,6 +387,15 @@ def test_fork_children_share_the_cap_and_the_interrupt() -> None:
     assert child.answer("q-0", "a").error == "interrupted: parent stopped"
 
 
+def test_factory_builds_ahead_in_the_background_and_without() -> None:
+    factory = SessionFactory(max_memory=16 * MiB)
+    factory.prewarm(wait=False)  # returns at once; new() waits for that build
+    sessions = [factory.new(f"s-{i}", f"return {i}") for i in range(3)]  # 2nd, 3rd built here
+    assert len({id(s) for s in sessions}) == 3
+    assert [s.start().result for s in sessions] == [0, 1, 2]
+    assert all(s.max_memory == 16 * MiB for s in sessions)
+
+
 @pytest.mark.skipif(not (CORPUS / "algocline-bundled-packages").is_dir(),
                     reason="the pinned corpus ../shared/corpus is absent")
 def test_a_real_package_runs_on_a_warm_vm() -> None:
