@@ -659,3 +659,47 @@ def test_state_is_charged_per_key_while_it_stands() -> None:
     same, deleted, stat, many = asyncio.run(asyncio.wait_for(main(), 120))
     assert same.result == "ok" and deleted.result == "ok" and stat.result == "ok"
     assert "memory cap of 16 MiB" in many.error
+
+
+MATH_CALLS = {
+    "rng_create": "1", "rng_float": "r", "rng_int": "r, 1, 6", "normal_sample": "r, 0, 1",
+    "beta_sample": "r, 2, 3", "gamma_sample": "r, 2, 1", "exp_sample": "r, 1.5",
+    "uniform_sample": "r, 0, 2", "lognormal_sample": "r, 0, 1", "student_t_sample": "r, 3",
+    "chi_squared_sample": "r, 2", "poisson_sample": "r, 3", "binomial_sample": "r, 10, 0.5",
+    "dirichlet_sample": "r, {1, 2, 3}", "categorical_sample": "r, {1, 2}",
+    "shuffle": "r, {1, 2, 3}", "sample_with_replacement": "r, {'a', 'b'}, 3",
+    "mean": "d", "variance": "d", "stddev": "d", "median": "d", "percentile": "d, 90",
+    "iqr": "d", "covariance": "d, e", "correlation": "d, e", "softmax": "d",
+    "log_normalize": "d", "histogram": "d, 3", "wilson_ci": "3, 10, 0.9",
+    "normal_cdf": "1, 0, 1", "beta_cdf": "0.5, 2, 3", "gamma_cdf": "1, 2, 1",
+    "poisson_cdf": "2, 3", "normal_inverse_cdf": "0.3, 1, 2", "normal_ppf": "0.9",
+    "beta_ppf": "0.5, 2, 3", "beta_mean": "2, 3", "beta_variance": "2, 3", "erf": "0.5",
+    "erfc": "0.5", "lgamma": "4.5", "beta": "2, 3", "ln_beta": "2, 3",
+    "regularized_incomplete_beta": "0.5, 2, 3", "regularized_incomplete_gamma": "2, 1",
+    "digamma": "2", "factorial": "6", "ln_factorial": "6", "logsumexp": "d", "logit": "0.3",
+    "expit": "0.5", "welch_t_test": "d, e", "mann_whitney_u": "d, e", "chi_squared_test": "d, e",
+    "ks_test": "d, e", "rank": "d", "spearman_correlation": "d, e", "kendall_tau": "d, e",
+    "ndcg": "d, 3", "mrr": "{1, 2, 0}", "entropy": "p", "kl_divergence": "p, q",
+    "js_divergence": "p, q", "cross_entropy": "p, q", "moving_average": "d, 2",
+    "ewma": "d, 0.5", "autocorrelation": "d, 1", "permutations": "3",
+}
+
+
+def test_every_math_function_answers_with_valid_arguments(w: SharedWorker) -> None:
+    from pool_notebook.worker.mathlib import MathLib
+    assert set(MATH_CALLS) == MathLib.NAMES
+    calls = ",\n".join(f"{name} = alc.math.{name}({args})" for name, args in MATH_CALLS.items())
+    result = w.run(f"""local r = alc.math.rng_create(5)
+        local d, e = {{1, 2, 4, 8, 9}}, {{2, 1, 5, 7, 10}}
+        local p, q = {{0.2, 0.3, 0.5}}, {{0.3, 0.3, 0.4}}
+        local out = {{ {calls} }}
+        out.rng_create = tostring(out.rng_create)
+        return out""")
+    assert set(result) == set(MATH_CALLS)
+    assert result["rng_create"] == "LuaRng"
+    assert result["factorial"] == 720 and result["permutations"][0] == [1, 2, 3]
+    assert result["regularized_incomplete_beta"] == pytest.approx(0.6875)
+    assert result["normal_inverse_cdf"] == pytest.approx(1 + 2 * -0.5244005, abs=1e-6)
+    assert result["mrr"] == pytest.approx(0.5)
+    assert sorted(result["shuffle"]) == [1, 2, 3]
+    assert all(x in ("a", "b") for x in result["sample_with_replacement"])
