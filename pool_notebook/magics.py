@@ -98,6 +98,8 @@ _HINTS: tuple[tuple[type[errors.PoolError], str], ...] = (
      "afterwards"),
     (errors.SpawnError, "%pool_connect --spawn \"CMD --sid {sid} --sock {sock}\" starts "
      "another worker command"),
+    (errors.LoopError, "without --background the magic waits for the reply"),
+    (errors.LLMError, "--respond takes a Python callable or 'openai:MODEL' (docs/llm.md)"),
 )
 
 

@@ -309,6 +309,7 @@ def test_background_send_where_no_loop_runs_between_cells_is_refused(
     result, out, _ = _cell(ip, "t = %pool_send --background --out task status")
     assert isinstance(result.error_in_exec, errors.LoopError)
     assert "Traceback" not in out and "background" in out
+    assert "hint: without --background the magic waits for the reply" in out
     assert "task" not in ip.user_ns
     assert ip.run_line_magic("pool_send", "status").ok  # nothing left half-sent
 
