@@ -277,3 +277,19 @@ def test_progress_and_log_of_a_session_are_shown() -> None:
     assert failed.index("gave up") < failed.index("pool-progress")  # the error first
     assert "<b>llm_calls</b>" in failed and "<b>progress</b>" not in failed  # not twice
     assert "  progress 3/4 judging" in text and "  log [warn] low score" in text
+
+
+def test_the_library_never_imports_the_view() -> None:
+    """The view imports the library, never the reverse (no import circle); importing it
+    loads neither ipywidgets nor matplotlib (built on first use)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, asyncio\n"
+            "import pool_notebook.connections, pool_notebook.session, pool_notebook.history\n"
+            "assert 'pool_notebook.display' not in sys.modules, 'library imported the view'\n"
+            "import pool_notebook.display\n"
+            "assert 'ipywidgets' not in sys.modules and 'matplotlib' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
