@@ -381,3 +381,37 @@ def test_request_before_the_handshake_is_answered_and_the_connection_stays(
     assert conn.hello()["ok"] is True
     conn.sock.shutdown(socket.SHUT_WR)
     assert conn.at_eof()
+
+
+# ------------------------------------------------------------------ socket path
+
+
+def test_socket_path_taken_by_a_file_or_a_live_worker_is_refused(
+        start_worker: StartWorker) -> None:
+    first = start_worker()
+    first.connect(greet=False).close()  # listening
+    second = start_worker(sock_dir=first.dir)  # same path
+    assert second.wait() == 2
+    assert "another worker is listening there" in second.output()
+    assert first.connect().ask({"op": "status"})["ok"] is True  # untouched
+    base = _private_dir()
+    try:
+        (base / "w.sock").write_text("not a socket")
+        third = start_worker(sock_dir=base)
+        assert third.wait() == 2
+        assert "the path exists and is not a socket" in third.output()
+        assert (base / "w.sock").read_text() == "not a socket"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_stale_socket_of_a_dead_worker_is_replaced(start_worker: StartWorker) -> None:
+    base = _private_dir()
+    try:
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(base / "w.sock"))  # bound, never listening, then abandoned
+        stale.close()
+        worker = start_worker(sock_dir=base)
+        assert worker.connect().ask({"op": "status"})["ok"] is True
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

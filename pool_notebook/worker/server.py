@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import PROTOCOL_VERSION
-from ..errors import ContinueRejected, ResponseEncodeError
+from ..errors import ContinueRejected, InsecureSocketError, ResponseEncodeError
 from ..protocol.framing import DEFAULT_MAX_LINE_BYTES
 from ..protocol.messages import (
     Accepted,
@@ -183,18 +183,8 @@ class Worker:
         self._last_activity = loop.time()
         ensure_private_dir(self.sock_path.parent)
         self._remove_stale_socket()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # the socket is born 0600...
-        try:
-            listener.bind(str(self.sock_path))
-        except BaseException:
-            listener.close()
-            raise
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.sock_path, 0o600)  # ...and is 0600 before anyone can connect
-        listener.listen(16)
-        server = await loop.create_unix_server(lambda: _ClientConnection(self), sock=listener)
+        server = await loop.create_unix_server(lambda: _ClientConnection(self),
+                                               sock=self._listen())
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop, f"signal {signal.Signals(signum).name}")
         watchdog = asyncio.create_task(self._watch_idle())
@@ -391,10 +381,46 @@ class Worker:
 
     # ------------------------------------------------------------ lifecycle
 
+    def _listen(self) -> socket.socket:
+        """A listening socket at ``sock_path``, mode 0600 before anyone can reach it.
+
+        It is bound under a temporary name and renamed into place once it
+        listens, so a client that sees the socket file can connect at once.
+        """
+        temp = self.sock_path.with_name(f".{os.getpid()}.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(str(temp))
+            os.chmod(temp, 0o600)  # whatever the umask did
+            listener.listen(16)
+            os.replace(temp, self.sock_path)
+        except BaseException:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+        finally:
+            os.umask(old_umask)
+        return listener
+
     def _remove_stale_socket(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(self.sock_path).st_mode):
-                os.unlink(self.sock_path)
+        """Clear the path of a dead worker's socket; refuse anything else found there."""
+        try:
+            mode = os.lstat(self.sock_path).st_mode
+        except FileNotFoundError:
+            return
+        path = str(self.sock_path)
+        if not stat.S_ISSOCK(mode):
+            raise InsecureSocketError(path, "the path exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # nobody listens: a stale socket
+                return
+        raise InsecureSocketError(path, "another worker is listening there")
 
     def _cleanup(self) -> None:
         for path in (self.sock_path, self.log_file):
