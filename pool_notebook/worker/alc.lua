@@ -154,7 +154,8 @@ end
 
 -- ------------------------------------------------------------------ budget
 
--- ctx.budget = { max_llm_calls, max_elapsed_ms, max_tokens }, read once.
+-- ctx.budget = { max_llm_calls, max_elapsed_ms, max_tokens }, read once; like
+-- algocline (serde's as_u64) a limit counts only as a non-negative integer.
 local budget_limits
 local function budget()
   if budget_limits == nil then
@@ -165,10 +166,7 @@ local function budget()
       local limits = {}
       for _, k in ipairs({ "max_llm_calls", "max_elapsed_ms", "max_tokens" }) do
         local v = b[k]
-        if math.type(v) == "integer" and v >= 0 then limits[k] = v
-        elseif math.type(v) == "float" and v >= 0 and v == math.floor(v) then
-          limits[k] = math.tointeger(v)
-        end
+        if math.type(v) == "integer" and v >= 0 then limits[k] = v end
       end
       if next(limits) then budget_limits = limits end
     end
