@@ -157,6 +157,8 @@ def test_continue_errors_are_algoclines_and_leave_the_session_paused() -> None:
                 {"prompt_tokens": True}, {"completion_tokens": 1.5}):
         with pytest.raises(ContinueRejected, match=r"must be an integer in 0\.\.2\^53"):
             session.answer("q-1", "B", bad)
+    with pytest.raises(ContinueRejected, match="response must be a string"):
+        session.answer("q-1", 42)  # type: ignore[arg-type]
     assert session.state == "paused"
     done = session.answer("q-1", "B", {"prompt_tokens": 2**53, "completion_tokens": 0})
     assert done.result == ["A", "B"]

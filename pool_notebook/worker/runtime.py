@@ -436,6 +436,8 @@ class LuaSession:
             raise ContinueRejected(f"unknown query_id: {query_id}")
         if query_id in self.answers:
             raise ContinueRejected(f"already responded to query_id: {query_id}")
+        if not isinstance(response, str):
+            raise ContinueRejected(f"response must be a string, got {type(response).__name__}")
         prompt_tokens, completion_tokens = _usage(usage)
         try:
             if self._stop_reason is not None:
