@@ -345,6 +345,13 @@ def test_max_memory_out_of_range_is_refused(start_worker: StartWorker, value: st
     assert "--max-memory-mb" in out and "Traceback" not in out
 
 
+def test_invalid_allow_env_name_is_refused_at_startup(start_worker: StartWorker) -> None:
+    worker = start_worker("--allow-env", "BAD=NAME")
+    assert worker.wait() == 2
+    out = worker.output()
+    assert "--allow-env" in out and "Traceback" not in out
+
+
 # ------------------------------------------------------------ logs and imports
 
 

@@ -98,25 +98,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = _parser().parse_args(args)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker = Worker(
-        opts.sid,
-        opts.sock,
-        version=opts.protocol_version,
-        idle_timeout=(idle_timeout_from_env() if opts.idle_timeout is None else seconds(
-            "--idle-timeout", opts.idle_timeout, DEFAULT_IDLE_TIMEOUT, allow_zero=True)),
-        handshake_timeout=(handshake_timeout_from_env() if opts.handshake_timeout is None
-                           else seconds("--handshake-timeout", opts.handshake_timeout,
-                                        DEFAULT_HANDSHAKE_TIMEOUT, allow_zero=False)),
-        sandbox=not opts.no_sandbox,
-        max_memory=opts.max_memory_mb * 2**20,
-        registry=Registry(opts.registry) if opts.registry else Registry.default(),
-        allow_uids=opts.allow_uid,
-        allow_env=opts.allow_env,
-        log_file=os.environ.get(LOG_FILE_ENV) or None,
-    )
     try:
+        worker = Worker(
+            opts.sid,
+            opts.sock,
+            version=opts.protocol_version,
+            idle_timeout=(idle_timeout_from_env() if opts.idle_timeout is None else seconds(
+                "--idle-timeout", opts.idle_timeout, DEFAULT_IDLE_TIMEOUT, allow_zero=True)),
+            handshake_timeout=(handshake_timeout_from_env() if opts.handshake_timeout is None
+                               else seconds("--handshake-timeout", opts.handshake_timeout,
+                                            DEFAULT_HANDSHAKE_TIMEOUT, allow_zero=False)),
+            sandbox=not opts.no_sandbox,
+            max_memory=opts.max_memory_mb * 2**20,
+            registry=Registry(opts.registry) if opts.registry else Registry.default(),
+            allow_uids=opts.allow_uid,
+            allow_env=opts.allow_env,
+            log_file=os.environ.get(LOG_FILE_ENV) or None,
+        )
         reason = asyncio.run(worker.serve())
-    except (PoolError, OSError) as exc:
+    except (PoolError, OSError) as exc:  # bad --allow-env, unsafe directory, path in use
         print(f"pool-notebook-worker: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     logging.getLogger("pool_notebook.worker").info("exited: %s", reason)

@@ -211,8 +211,8 @@ class Worker:
             self._stop.set()
 
     def prewarm(self) -> None:
-        """Build the next run's Lua VM in the Lua thread while nothing else runs there."""
-        self._lua.submit(self._factory.prewarm)
+        """Start building the next run's Lua VM (on the factory's own thread)."""
+        self._factory.prewarm(wait=False)
 
     def interrupt(self, reason: str) -> None:
         """Stop the Lua call that is running now, if any (it ends as a failed session)."""
