@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_MAX_MEMORY",
     "HISTORY_ENTRIES",
     "LOG_ENTRIES",
+    "LOG_TEXT_LIMIT",
     "TEXT_LIMIT",
     "LuaSession",
     "SessionFactory",
@@ -50,10 +51,11 @@ log = logging.getLogger("pool_notebook.worker.lua")
 DEFAULT_MAX_MEMORY = 256 * 1024 * 1024
 #: Transcript entries kept for ``status`` (algocline: the last 10).
 HISTORY_ENTRIES = 10
-#: Characters kept of each transcript text and log message (the rest is cut, with a note).
+#: Characters kept of each transcript text (the rest is cut, with a note).
 TEXT_LIMIT = 65536
-#: Log entries kept per session (algocline's ring buffer: 20).
+#: Log entries kept per session (algocline's ring buffer: 20), and characters of each.
 LOG_ENTRIES = 20
+LOG_TEXT_LIMIT = 4096
 #: Lua instructions between two interrupt checks (~0.3-1 ms of Lua).
 HOOK_EVERY = 100_000
 #: Extra room while Python copies data into Lua: an allocation failing there
@@ -63,9 +65,10 @@ _MAX_DEPTH = 100
 _MAX_USAGE = 2**53
 
 # The coroutine driver. It runs before the sandbox, which then only sees the
-# hooked coroutine.create/wrap defined here (so every coroutine user code makes
-# is interruptible and anchored: lupa 2.8 crashes if a coroutine that called
-# into Python is collected while Python still holds one of its objects).
+# coroutine.create/resume/wrap defined here: every coroutine user code makes is
+# interruptible and anchored (lupa 2.8 crashes if a coroutine that called into
+# Python is collected while Python still holds one of its objects), and an
+# alc.llm pause inside one is relayed up to the session.
 _DRIVER = r"""
 local interrupted, settle = ...
 local create, resume, status, yield = coroutine.create, coroutine.resume, coroutine.status,
@@ -525,7 +528,7 @@ class LuaSession:
     def emit_log(self, level: str, message: str, source: str = "alc.log") -> None:
         """A log line of the session (print, io.write, alc.log): kept (bounded) and logged."""
         self._logs.append({"ts": _now_ms(), "level": level, "source": source,
-                           "message": _cut(message, TEXT_LIMIT // 16)})
+                           "message": _cut(message, LOG_TEXT_LIMIT)})
         number = logging.getLevelName(level.upper())
         log.log(number if isinstance(number, int) else logging.INFO, "[%s] %s",
                 self.session_id, message)
@@ -533,7 +536,7 @@ class LuaSession:
     def set_progress(self, step: int, total: int, message: str | None) -> None:
         """``alc.progress``: the session's current step (0 total = unknown)."""
         self.progress = {"step": step, "total": total,
-                         "message": None if message is None else _cut(message, TEXT_LIMIT // 16)}
+                         "message": None if message is None else _cut(message, LOG_TEXT_LIMIT)}
 
     def ensure_room(self, nbytes: int, what: str) -> None:
         """Refuse (LuaMemoryError) ``nbytes`` more for the session if they would pass
