@@ -27,7 +27,7 @@ _RUNTIME_NOISE = ("[C]", "xpcall", "<python>", "tail calls", "stack traceback")
 SYNTAX = "local x = 1\nreturn 1 +"
 BOOM = "local x = 1\nerror('boom from Lua')\nreturn x"
 NESTED = "local function f()\n  local t = nil\n  return t.x\nend\nreturn f()"
-BAD_ARG = "local n = 5\nlocal answer = alc.llm(n)\nreturn answer"
+BAD_ARG = "local n = 5\nlocal answer = alc.llm_batch(n)\nreturn answer"
 
 
 def _errors_from_worker(*codes: str) -> list[str]:
@@ -95,8 +95,8 @@ def test_nested_function_frames_keep_only_user_code(worker_errors: dict[str, str
 
 def test_error_raised_inside_alc_points_at_the_users_call(worker_errors: dict[str, str]) -> None:
     err = parse_lua_error(worker_errors[BAD_ARG], BAD_ARG)
-    assert err.message.startswith("alc.llm:") and "string" in err.message
-    assert (err.line, err.source) == (2, "local answer = alc.llm(n)")
+    assert err.message.startswith("alc.llm_batch:") and "array" in err.message
+    assert (err.line, err.source) == (2, "local answer = alc.llm_batch(n)")
     assert all(f.line == 2 for f in err.frames)  # alc's own glue frames are gone
     _clean(err.text())
 
