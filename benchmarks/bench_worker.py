@@ -46,15 +46,17 @@ def _extract(ref: str) -> Path:
 
 def _version(tree: Path | None) -> str:
     code = "from pool_notebook._version import PROTOCOL_VERSION as v; print(v)"
-    env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None
-    return subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                          capture_output=True, text=True, cwd="/").stdout.strip()
+    env = {**os.environ, "PYTHONPATH": str(tree or REPO)}
+    return subprocess.run([sys.executable, "-P", "-c", code], env=env, check=True,
+                          capture_output=True, text=True).stdout.strip()
 
 
 async def _one(tree: Path | None, version: str, n: int) -> tuple[float, list[float]]:
-    env = {"PYTHONPATH": str(tree)} if tree else None
+    # -P: no current directory on sys.path, so PYTHONPATH picks the tree measured
+    command = "{python} -P -m pool_notebook.worker --sid {sid} --sock {sock}"
+    env = {"PYTHONPATH": str(tree or REPO)}
     t = time.perf_counter()
-    client, _w = await spawn_and_connect(env=env, version=version)
+    client, _w = await spawn_and_connect(command, env=env, version=version)
     ready = time.perf_counter() - t
     rtts = []
     async with client:
