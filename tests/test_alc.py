@@ -615,7 +615,7 @@ def test_eval_with_a_pinned_scenario_in_evalframe_form(w: SharedWorker, tmp_path
     assert len(w.queries) == 7
 
 
-@pytest.mark.usefixtures("pool_home")
+@pytest.mark.usefixtures("w")  # its home; not pool_home, whose teardown kills w's worker
 def test_json_too_big_for_the_memory_cap_is_a_lua_error() -> None:
     """alc.json_decode beyond the cap: a Lua error naming the cap (nothing is copied into
     Lua first, so the VM neither aborts nor thrashes); the same connection goes on."""
@@ -637,7 +637,7 @@ def test_json_too_big_for_the_memory_cap_is_a_lua_error() -> None:
     assert after.outcome.result == [1, 2]
 
 
-@pytest.mark.usefixtures("pool_home")
+@pytest.mark.usefixtures("w")
 def test_state_is_charged_per_key_while_it_stands() -> None:
     """Setting one key (or stat) again and again, or deleting it, does not use up the cap;
     many distinct big keys do, with the cap named."""

@@ -11,7 +11,9 @@ numerics of ``alc.math`` in :mod:`.mathlib`, text helpers in :mod:`.textops`.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +90,17 @@ def _lua_type(value: Any) -> str:
     return "table"
 
 
+@functools.lru_cache(maxsize=4)
+def _places(pool_home: str | None, alc_home: str | None) -> tuple[dict[str, str], StateStore,
+                                                                 CardStore]:
+    """``alc._dirs`` and the stores for these homes (built once: sessions are many)."""
+    del pool_home, alc_home  # the cache key; home() and algocline_home() read them
+    root = home()
+    dirs = {"state": str(root / "state"), "cards": str(root / "cards"),
+            "scenarios": str(algocline_home() / "scenarios")}
+    return dirs, StateStore(root / "state"), CardStore(root / "cards")
+
+
 @dataclass
 class _Child:
     """One strategy of an ``alc.fork``: its own VM and its last step."""
@@ -111,11 +124,8 @@ class _Bridge:
 
     def __init__(self, session: LuaSession) -> None:
         self.session = session
-        root = home()
-        self.dirs = {"state": str(root / "state"), "cards": str(root / "cards"),
-                     "scenarios": str(algocline_home() / "scenarios")}
-        self.state = StateStore(root / "state")
-        self.cards = CardStore(root / "cards")
+        self.dirs, self.state, self.cards = _places(os.environ.get("POOL_NOTEBOOK_HOME"),
+                                                    os.environ.get("ALC_HOME"))
         self.math_lib = MathLib()
         self.forks: dict[int, list[_Child]] = {}
         self.slot_sizes: dict[tuple[str, ...], int] = {}
