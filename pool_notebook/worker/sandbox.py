@@ -47,12 +47,27 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _O_PATH: int | None = getattr(os, "O_PATH", None) if os.path.isdir("/proc/self/fd") else None
 
 
+def _env_key() -> tuple[str | None, ...]:
+    return tuple(os.environ.get(name) for name in ("ALC_PACKAGES_PATH", "ALC_HOME", "HOME"))
+
+
+@functools.lru_cache(maxsize=8)
+def _algocline_dirs(env: tuple[str | None, ...]) -> tuple[tuple[str, ...], str]:
+    """(package directory candidates, scenarios directory) for these environment
+    values (parsed once: a VM is built per session)."""
+    listed = [p for p in (env[0] or "").split(os.pathsep) if p]
+    listed.append(str(algocline_home() / "packages"))
+    return tuple(dict.fromkeys(listed)), str(algocline_home() / "scenarios")
+
+
 def package_dirs() -> tuple[str, ...]:
     """Where algocline packages live, in its order: ``$ALC_PACKAGES_PATH``, then
     ``<ALC_HOME or ~/.algocline>/packages`` (existing directories only)."""
-    listed = [p for p in os.environ.get("ALC_PACKAGES_PATH", "").split(os.pathsep) if p]
-    listed.append(str(algocline_home() / "packages"))
-    return tuple(dict.fromkeys(p for p in listed if os.path.isdir(p)))
+    return tuple(p for p in _algocline_dirs(_env_key())[0] if os.path.isdir(p))
+
+
+def _scenarios_dir() -> str:
+    return _algocline_dirs(_env_key())[1]
 
 
 def _templates(dirs: Iterable[str]) -> str:
@@ -84,7 +99,7 @@ class SandboxPolicy:
     allow_env: frozenset[str] = frozenset()
     log: LogSink = _default_log
     package_dirs: tuple[str, ...] = field(default_factory=package_dirs)
-    scenarios_dir: str = field(default_factory=lambda: str(algocline_home() / "scenarios"))
+    scenarios_dir: str = field(default_factory=_scenarios_dir)
 
     def __post_init__(self) -> None:
         bad = sorted(n for n in self.allow_env if not _ENV_NAME.fullmatch(n))
