@@ -7,8 +7,9 @@ C loading or binary chunks, ``string``/``table``/``math``/``utf8``/``coroutine``
 ``os.time/clock/date/difftime``, an ``os.getenv`` that answers ``ALC_*`` names
 and the names in :attr:`SandboxPolicy.allow_env`, read-only ``io`` for files
 under the readable roots, and ``print``/``io.write``/``io.stderr`` into the
-session log. This module holds the host side of those grants: the realpath
-check every file read goes through, the environment filter and the log sink.
+session log. This module holds the host side of those grants: the path check
+every file read goes through, the compile cache of Lua files, the environment
+filter and the log sink.
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ class SandboxPolicy:
     def __post_init__(self) -> None:
         bad = sorted(n for n in self.allow_env if not _ENV_NAME.fullmatch(n))
         if bad:
-            raise InvalidArgument(f"--allow-env: {', '.join(map(repr, bad))} is not an "
-                                  "environment variable name (letters, digits and _)")
+            raise InvalidArgument("--allow-env: not an environment variable name (letters, "
+                                  f"digits and _, not starting with a digit): {', '.join(bad)}")
 
     def getenv(self, name: str) -> str | None:
         """The value ``os.getenv(name)`` gives sandboxed code (``None``: not granted)."""
