@@ -13,6 +13,8 @@ import os
 import shutil
 import signal
 import site
+import subprocess
+import sys
 import tempfile
 import textwrap
 from collections.abc import Iterator
@@ -558,3 +560,15 @@ def test_policy_rejects_bad_env_names_and_builds_the_module_path(tmp_path: Path)
     with pytest.raises(InvalidArgument, match="not an environment variable name"):
         SandboxPolicy(allow_env=frozenset({"OK_NAME", "BAD=NAME"}))
     assert module_path([str(tmp_path)]).startswith(f"{tmp_path}/?.lua;{tmp_path}/?/init.lua")
+
+
+def test_worker_refuses_a_bad_allow_env_name_at_startup(tmp_path: Path) -> None:
+    sock_dir = tmp_path / "pool"
+    sock_dir.mkdir(mode=0o700)
+    done = subprocess.run(
+        [sys.executable, "-m", "pool_notebook.worker", "--sid", "p-sbx", "--sock",
+         str(sock_dir / "w.sock"), "--allow-env", "BAD=NAME"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--allow-env: not an environment variable name" in done.stderr
+    assert "Traceback" not in done.stderr
