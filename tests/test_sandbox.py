@@ -258,6 +258,24 @@ ATTEMPTS = [
             "local mt = getmetatable(obj)\n"
             "assert(type(mt) == 'table', 'metatable: ' .. tostring(mt))\nreturn mt.__gc(obj)",
             "no host object is reachable from _G|metatable: host object"),
+    Attempt("find-host-table", """
+        local seen = {}
+        local function find(t, depth)
+          if seen[t] or depth > 8 then return nil end
+          seen[t] = true
+          if rawget(t, 'resolve') or rawget(t, 'compiled') or rawget(t, 'pause')
+             or rawget(t, 'read_source') then return t end
+          for k, v in pairs(t) do
+            if type(v) == 'table' then local hit = find(v, depth + 1) if hit then return hit end end
+            if type(k) == 'table' then local hit = find(k, depth + 1) if hit then return hit end end
+          end
+          local mt = getmetatable(t)
+          if type(mt) == 'table' then return find(mt, depth + 1) end
+        end
+        local host = find(_G, 0) or find(getmetatable(''), 0)
+        if not host then error('no host table is reachable', 0) end
+        return (host.resolve or host.read_source)('/etc/passwd')
+    """, "no host table is reachable"),
     Attempt("file-metatable", "local f = io.open(ctx.lib .. '/data.txt')\n"
             "local mt = getmetatable(f)\n"
             "assert(type(mt) == 'table', 'file metatable: ' .. tostring(mt))\n"
