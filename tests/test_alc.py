@@ -571,6 +571,8 @@ def test_std_global_for_evalframe(w: SharedWorker, tmp_path: Path) -> None:
         std.fs.is_file({json.dumps(str(tmp_path / "none.txt"))}), std.time.now() > 0}}""",
                    lib_paths=[str(tmp_path)])
     assert result == ['{"a":1}', [1], "hello", True, False, True]
+    with fails("std is read-only (cannot set read)"):
+        w.run("std.fs.read = function() return 'forged' end")
 
 
 @pytest.mark.skipif(not (CORPUS / "evalframe").is_dir(), reason="pinned evalframe is absent")

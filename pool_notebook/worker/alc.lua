@@ -622,11 +622,20 @@ local function is_file(path)
   return true
 end
 
-std = {
-  json = { encode = alc.json_encode, decode = alc.json_decode },
-  fs = { read = read_file, is_file = is_file },
-  time = { now = alc.time },
-}
+-- Read-only views: code can call these but not replace them under evalframe.
+local function frozen(t)
+  return setmetatable({}, {
+    __index = t,
+    __newindex = function(_, k) error("std is read-only (cannot set " .. tostring(k) .. ")", 2) end,
+    __metatable = "std",
+  })
+end
+
+std = frozen({
+  json = frozen({ encode = alc.json_encode, decode = alc.json_decode }),
+  fs = frozen({ read = read_file, is_file = is_file }),
+  time = frozen({ now = alc.time }),
+})
 
 do
   local function resolve_grader(ef, g)
