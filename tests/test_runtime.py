@@ -216,6 +216,14 @@ def test_interrupt_of_a_paused_session_fails_its_next_continue() -> None:
     assert (step.kind, step.error) == ("error", "interrupted: client disconnected")
 
 
+def test_fail_ends_a_paused_session_from_outside() -> None:
+    session, _ = run("return alc.llm('q')")
+    step = session.fail("result too large")
+    assert (step.kind, step.error, session.state) == ("error", "result too large", "failed")
+    with pytest.raises(ContinueRejected, match="no paused session"):
+        session.answer("q-0", "late")
+
+
 def test_interrupt_before_start() -> None:
     session = LuaSession("s-x", "return 1")
     session.interrupt("worker stopping")

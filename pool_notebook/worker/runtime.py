@@ -459,6 +459,10 @@ class LuaSession:
         (~1 ms); a paused session fails at its next ``continue``; its children too."""
         self._interrupted = reason
 
+    def fail(self, reason: str) -> Step:
+        """End the session as Failed from outside (e.g. its reply cannot be sent)."""
+        return self._fail(reason)
+
     def child(self) -> LuaSession:
         """A fresh VM for ``alc.fork`` (unbound): this session's sandbox and
         environment, inside this session's memory cap, stopped with it."""
