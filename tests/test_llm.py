@@ -192,7 +192,8 @@ def _arrival(chat: FakeChatServer, prompt: str) -> int:
 
 def test_max_concurrency_bounds_across_sessions(chat: FakeChatServer) -> None:
     chat.delay = 0.3
-    responder = llm.openai("m", base_url=chat.base_url, max_concurrency=3)
+    # cache="off": each run asks for itself (recorded runs would share identical requests)
+    responder = llm.openai("m", base_url=chat.base_url, max_concurrency=3, cache="off")
 
     async def two_runs() -> list[Session]:
         return list(await asyncio.gather(run_answered(BATCH_DISTINCT, responder),
@@ -239,6 +240,24 @@ def test_a_rerun_replays_the_same_answers_in_order_with_no_provider_call(
     fresh = run(run_answered(code, off))
     assert chat.calls == 18 and fresh.result != first.result
     assert len(llm.AnswerStore(store)) == 9
+
+
+def test_concurrent_runs_share_one_call_per_recorded_answer(chat: FakeChatServer) -> None:
+    """Two runs of one strategy at once: each identical request is asked once, and both
+    runs get the answer the store will replay."""
+    chat.delay = 0.2
+    responder = llm.openai("m", base_url=chat.base_url)
+
+    async def two_runs() -> list[Session]:
+        return list(await asyncio.gather(run_answered(BATCH_SAME, responder),
+                                         run_answered(BATCH_SAME, responder)))
+
+    first, second = run(two_runs())
+    assert chat.calls == 8 and first.result == second.result and len(set(first.result)) == 8
+    flags = [a.replayed for s in (first, second) for a in s.answers.values()]
+    assert flags.count(False) == 8 and flags.count(True) == 8  # 8 calls, 8 shared
+    replay = llm.openai("m", cache="replay", store=responder.store)
+    assert run(run_answered(BATCH_SAME, replay)).result == first.result
 
 
 def test_answers_say_whether_they_were_replayed(chat: FakeChatServer) -> None:

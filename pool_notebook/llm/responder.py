@@ -20,7 +20,7 @@ from ..errors import InvalidArgument, ReplayMiss
 from ..protocol import Query
 from ..session import Answer
 from .providers import OpenAIChat
-from .store import AnswerStore, ChatRequest
+from .store import AnswerStore, ChatRequest, Recorded
 
 __all__ = ["FLAG_NOTES", "CacheMode", "ModelResponder"]
 
@@ -75,6 +75,7 @@ class ModelResponder:
         self.flag_notes = dict(flag_notes or {})
         self._runs: weakref.WeakKeyDictionary[object, _Run] = weakref.WeakKeyDictionary()
         self._calls = itertools.count()
+        self._in_flight: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Task[Recorded]] = {}
         self._limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             weakref.WeakKeyDictionary())
 
@@ -133,11 +134,43 @@ class ModelResponder:
                 return Answer(recorded.text, recorded.usage, replayed=True)
             if self.cache == "replay":
                 raise ReplayMiss(self.model, query.prompt, occurrence, str(self.store.path))
+        if self.cache == "off":
+            async with self._limit():
+                reply = await self.chat.complete(request)
+            return Answer(reply.text, reply.usage)
+        return await self._record(request, occurrence)
+
+    async def _record(self, request: ChatRequest, occurrence: int) -> Answer:
+        """Ask the provider and record the answer, once per store key at a time.
+
+        Concurrent runs asking the same occurrence of the same request (two
+        sessions of one strategy, a double click) share one provider call, so
+        what each of them got is what the store will replay. The others' answers
+        say ``replayed``: no call of their own. A cancelled caller does not stop
+        the shared call: its answer is recorded for the next attempt.
+        """
+        loop = asyncio.get_running_loop()
+        key = (loop, request.key(occurrence))
+        shared = self._in_flight.get(key)
+        if shared is not None:
+            reply = await asyncio.shield(shared)
+            return Answer(reply.text, reply.usage, replayed=True)
+        task = self._in_flight[key] = loop.create_task(self._ask(request, occurrence))
+
+        def forget(done: asyncio.Task[Recorded]) -> None:
+            self._in_flight.pop(key, None)
+            if not done.cancelled():
+                done.exception()  # retrieved: a caller that gave up is not told later
+
+        task.add_done_callback(forget)
+        reply = await asyncio.shield(task)
+        return Answer(reply.text, reply.usage)
+
+    async def _ask(self, request: ChatRequest, occurrence: int) -> Recorded:
         async with self._limit():
             reply = await self.chat.complete(request)
-        if self.cache != "off":
-            self.store.put(request, occurrence, reply)
-        return Answer(reply.text, reply.usage)
+        self.store.put(request, occurrence, reply)
+        return reply
 
     async def __call__(self, query: Query) -> Answer:
         """Answer one query on its own: identical requests are numbered in call order."""
