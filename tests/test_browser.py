@@ -91,6 +91,7 @@ def test_quickstart_in_chromium(lab: str) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
+    expect.set_options(timeout=90_000)  # a bound on waiting (2 shared cores), not a measure
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM, headless=True,
