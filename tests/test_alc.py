@@ -58,6 +58,10 @@ def test_json_encode_is_compact_with_sorted_keys_and_empty_tables_as_objects(
     assert w.run("return alc.json_encode(alc.json_decode('[]'))") == "[]"
     assert w.run("return alc.json_encode(nil)") == "null"
     assert w.run("return alc.json_encode(1.5)") == "1.5"
+    # floats as serde_json (ryu) writes them, also next to look-alike strings
+    assert w.run("return alc.json_encode({1e16, 1.5e-5, 1e-7, -2.5e20, 123.0, 0.0001,"
+                 " 'e+1', {x = 1e-6}})") == \
+        '[1e16,0.000015,1e-7,-2.5e20,123.0,0.0001,"e+1",{"x":1e-6}]'
 
 
 def test_json_decode_values_and_errors(w: SharedWorker) -> None:
