@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from .connections import Connection, ConnectionManager, ConnectionState, Reply
     from .errors import *  # noqa: F403
     from .history import Outcome
+    from .mapping import WorkerPool, compare_maps, map_summary
+    from .mapping import map as map  # lazy, and not in __all__ (it would hide map())
     from .protocol import (
         Accepted,
         Cancelled,
@@ -60,6 +62,8 @@ _LAZY = {
     "Answer": "session", "Session": "session", "SessionState": "session",
     "resolve_responder": "session",
     "Registry": "registry", "WorkerEntry": "registry",
+    "map": "mapping", "WorkerPool": "mapping", "map_summary": "mapping",
+    "compare_maps": "mapping",
     "WorkerProcess": "spawn", "spawn_and_connect": "spawn", "spawn_worker": "spawn",
     **{name: "protocol" for name in (
         "Accepted", "Cancelled", "Completed", "Continue", "Failed", "FeedData", "Finished",
@@ -76,6 +80,8 @@ __all__ = [
     "llm", "load_ipython_extension", "resolve_responder", "spawn_and_connect", "spawn_worker",
     "unload_ipython_extension",
 ]
+# issue 11 (mapping.py); pool_notebook.map is lazy too, but not starred: it would hide map()
+__all__ += ["WorkerPool", "compare_maps", "map_summary"]
 __all__ += _errors.__all__
 
 

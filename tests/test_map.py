@@ -1,0 +1,337 @@
+"""pool_notebook.map: one Lua strategy over a table of inputs on a pool of real workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import pool_notebook
+from pool_notebook import protocol as proto
+from pool_notebook import spawn
+from pool_notebook.connections import manager
+from pool_notebook.errors import InvalidArgument
+from pool_notebook.history import History
+from pool_notebook.mapping import (
+    RESULT_COLUMNS,
+    WorkerPool,
+    compare_maps,
+    map_summary,
+    pool_map,
+    strategy_code,
+)
+
+CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
+BUNDLED = CORPUS / "algocline-bundled-packages"
+
+#: Two model rounds per input: the second prompt carries the first answer.
+TWO_ROUNDS = ('local a = alc.llm("first " .. tostring(ctx.input))\n'
+              'return alc.llm("second " .. a)')
+
+
+async def slow_echo(query: proto.Query) -> str:
+    """A simulated model: 50 ms per answer."""
+    await asyncio.sleep(0.05)
+    return f"<{query.prompt}>"
+
+
+@pytest.fixture
+def history(pool_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[History]:
+    """The kernel-wide history the map's connections record into (in memory here)."""
+    fresh = History(None)
+    monkeypatch.setattr(manager, "history", fresh)
+    yield fresh
+
+
+def _alive(pid: int) -> bool:
+    """Is ``pid`` a running (not zombie) process?"""
+    spawn.reap_children()
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def _wait_gone(pid: int) -> None:
+    for child in list(spawn._children):
+        if child.pid == pid:
+            child.wait(30)
+    assert not _alive(pid)
+
+
+# ------------------------------------------------------------- the main run
+
+
+def test_256_inputs_two_model_rounds_on_16_workers_in_input_order(history: History) -> None:
+    inputs = pd.Series(range(256), index=[f"q{i}" for i in range(256)], name="n")
+    df = asyncio.run(pool_map(TWO_ROUNDS, inputs, workers=16, respond=slow_echo,
+                              progress=False))
+    assert list(df.index) == list(inputs.index)
+    assert list(df.columns) == ["n", *RESULT_COLUMNS]
+    assert df["n"].tolist() == list(range(256))
+    assert df["result"].tolist() == [f"<second <first {i}>>" for i in range(256)]
+    assert set(df["state"]) == {"completed"}
+    assert df["error"].isna().all()
+    assert (df["llm_calls"] == 2).all()
+    assert (df["prompt_tokens"] > 0).all() and (df["completion_tokens"] > 0).all()
+    assert df["worker"].nunique() == 16  # every worker of the pool ran inputs
+    assert set(df["node"]) == {f"{os.uname().nodename}:{os.getpid()}"}
+    assert (df["latency_ms"] >= 100).all()  # two 50 ms answers each
+    rows = history.frame()
+    runs = rows[rows["op"] == "run"]
+    assert len(runs) == 256 and set(rows["connection"]).issubset(
+        {f"map-{i}" for i in range(16)})
+    assert (rows["op"] == "continue").sum() == 512
+    assert set(rows["outcome"].astype(str)) == {"ok"}
+    for sid in df["worker"]:  # the pool was shut down with the map
+        entry = next(e for e in spawn._children if sid in e.args)
+        assert entry.wait(30) is not None
+
+
+def test_list_of_dicts_and_a_dataframe_become_ctx_with_json_values(history: History) -> None:
+    frame = pd.DataFrame({"a": np.array([1, 2], dtype=np.int64), "b": [1.5, np.nan],
+                          "c": ["x", None], "d": pd.to_datetime(["2024-01-02", None])},
+                         index=[10, 20])
+    code = "return {a = ctx.a, b = ctx.b == alc.null and 'null' or ctx.b, " \
+           "c = ctx.c == alc.null and 'null' or ctx.c, d = ctx.d == alc.null and 'null' or ctx.d}"
+    df = asyncio.run(pool_map(code, frame, workers=2, progress=False))
+    assert list(df.index) == [10, 20]
+    assert df["result"].tolist() == [{"a": 1, "b": 1.5, "c": "x", "d": "2024-01-02T00:00:00"},
+                                     {"a": 2, "b": "null", "c": "null", "d": "null"}]
+    listed = asyncio.run(pool_map("return ctx.q .. '!'", [{"q": "hi"}, {"q": "yo"}],
+                                  workers=1, progress=False))
+    assert listed["q"].tolist() == ["hi", "yo"]
+    assert listed["result"].tolist() == ["hi!", "yo!"]
+
+
+def test_bad_arguments_are_typed_errors_before_anything_runs(history: History) -> None:
+    with pytest.raises(InvalidArgument, match="clash with the columns map adds"):
+        asyncio.run(pool_map("return 1", pd.DataFrame({"result": [1]}), progress=False))
+    with pytest.raises(InvalidArgument, match="cannot become a Lua value"):
+        asyncio.run(pool_map("return 1", [{"x": object()}], progress=False))
+    with pytest.raises(InvalidArgument, match="DataFrame, a Series or a list of dicts"):
+        asyncio.run(pool_map("return 1", "abc", progress=False))
+    with pytest.raises(InvalidArgument, match="either code or strategy"):
+        asyncio.run(pool_map("return 1", [{}], strategy="cot", progress=False))
+    with pytest.raises(InvalidArgument, match="not a Lua package name"):
+        strategy_code('cot"); os.exit(')
+    with pytest.raises(InvalidArgument, match="timeout must be a positive"):
+        asyncio.run(pool_map("return 1", [{}], timeout=0, progress=False))
+    with pytest.raises(InvalidArgument, match="positive int"):
+        asyncio.run(pool_map("return 1", [{}], workers=0, progress=False))
+    assert not spawn._children or all(c.poll() is not None for c in spawn._children)
+
+
+# ------------------------------------------------------------------ failures
+
+
+def test_failing_inputs_are_failed_rows_and_the_others_complete(history: History) -> None:
+    code = ('if ctx.input == 2 then error("no good: " .. ctx.input) end\n'
+            'return alc.llm("q " .. ctx.input)')
+
+    def respond(query: proto.Query) -> str:
+        if query.prompt == "q 5":
+            raise ValueError("the responder gave up on q 5")
+        return query.prompt.upper()
+
+    df = asyncio.run(pool_map(code, pd.Series(range(8)), workers=3, respond=respond,
+                              progress=False))
+    assert df["state"].tolist() == ["completed"] * 2 + ["failed"] + ["completed"] * 2 + \
+        ["failed"] + ["completed"] * 2
+    assert "no good: 2" in df.loc[2, "error"]
+    assert "ResponderError" in df.loc[5, "error"] and "gave up on q 5" in df.loc[5, "error"]
+    assert df.loc[[0, 1, 3, 4, 6, 7], "result"].tolist() == [f"Q {i}" for i in (0, 1, 3, 4, 6, 7)]
+
+
+def test_code_that_asks_a_model_without_a_responder_fails_clearly(history: History) -> None:
+    df = asyncio.run(pool_map('return alc.llm("hi")', [{}, {}], workers=1, progress=False))
+    assert set(df["state"]) == {"failed"}
+    assert df["error"].str.contains("no responder was given").all()
+
+
+def test_an_input_over_its_timeout_is_a_timeout_row_and_its_worker_replaced(
+        history: History) -> None:
+    code = "if ctx.input == 1 then while true do end end return ctx.input * 10"
+    df = asyncio.run(pool_map(code, pd.Series([0, 1, 2, 3]), workers=1, timeout=3.0,
+                              progress=False))
+    assert df["state"].tolist() == ["completed", "timeout", "completed", "completed"]
+    assert df["result"].tolist()[2:] == [20, 30]
+    assert "timeout" in df.loc[1, "error"]
+    assert df.loc[0, "worker"] != df.loc[2, "worker"]  # a fresh worker after the timeout
+
+
+def test_a_killed_worker_is_replaced_and_its_input_retried_once(history: History) -> None:
+    async def main() -> tuple[pd.DataFrame, WorkerPool, list[int]]:
+        pool = await WorkerPool.spawn(2)
+        killed: list[int] = []
+
+        async def respond(query: proto.Query) -> str:
+            conn = next(c for c in pool.connections if c.session is not None and
+                        any(q.prompt == query.prompt for q in c.session.pending))
+            if (query.prompt == "q 3" and not killed) or query.prompt == "q 6":
+                killed.append(conn.pid)
+                os.kill(conn.pid, signal.SIGKILL)  # the worker dies mid-session
+                await asyncio.sleep(1)
+            return query.prompt + "!"
+
+        try:
+            df = await pool_map('return alc.llm("q " .. ctx.input)', pd.Series(range(8)),
+                                workers=pool, respond=respond, progress=False)
+        finally:
+            pool.close()
+        return df, pool, killed
+
+    df, pool, killed = asyncio.run(main())
+    assert len(killed) == 3  # q 3 once; q 6 on the first try and on its retry
+    for pid in killed:
+        _wait_gone(pid)
+    assert df.loc[3, "state"] == "completed" and df.loc[3, "result"] == "q 3!"
+    assert df.loc[6, "state"] == "failed"
+    assert "died while running this input" in df.loc[6, "error"]
+    assert "again on the retry" in df.loc[6, "error"]
+    others = df.drop(index=[6])
+    assert set(others["state"]) == {"completed"}
+    assert others["result"].tolist() == [f"q {i}!" for i in others.index]
+    assert pool.replaced == 3
+    assert df["worker"].nunique() >= 3  # the original two and replacements
+
+
+def test_given_connections_are_used_and_left_open(history: History) -> None:
+    async def main() -> tuple[pd.DataFrame, bool]:
+        conn = await pool_notebook.connect(name="mine")
+        try:
+            df = await pool_map("return ctx.input + 1", pd.Series([1, 2, 3]),
+                                workers=[conn], progress=False)
+            still = (await conn.status()).ok
+        finally:
+            manager.disconnect("mine")
+        return df, still
+
+    df, still_open = asyncio.run(main())
+    assert df["result"].tolist() == [2, 3, 4] and df["worker"].nunique() == 1
+    assert still_open
+
+
+# ------------------------------------------------------- interrupt and resume
+
+
+def test_cancel_returns_partial_rows_and_resume_completes_them(history: History) -> None:
+    code = 'return alc.llm("q " .. ctx.input)'
+    inputs = pd.Series(range(12), index=list("abcdefghijkl"))
+    asked: list[str] = []
+
+    async def stuck_after_four(query: proto.Query) -> str:
+        asked.append(query.prompt)
+        if int(query.prompt.split()[1]) >= 4:
+            await asyncio.Event().wait()  # a model that never answers
+        return query.prompt.upper()
+
+    async def interrupted() -> pd.DataFrame:
+        task = asyncio.ensure_future(pool_map(code, inputs, workers=4, respond=stuck_after_four,
+                                              progress=False))
+        while len(asked) < 8:  # rows 0-3 done, 4-7 waiting on the model
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return await task
+
+    partial = asyncio.run(interrupted())
+    assert partial["state"].tolist() == ["completed"] * 4 + ["cancelled"] * 8
+    assert partial["result"].tolist()[:4] == ["Q 0", "Q 1", "Q 2", "Q 3"]
+    assert partial["result"].isna().tolist()[4:] == [True] * 8
+    assert list(partial.index) == list(inputs.index)
+    workers = set(partial["worker"].dropna())
+    for child in spawn._children:  # the map's own pool was shut down with it
+        if workers & set(child.args):
+            assert child.wait(30) is not None
+    ops = history.frame()["op"].value_counts()
+    assert (ops["run"], ops["continue"]) == (8, 4)  # inputs 8-11 never started
+
+    asked.clear()
+
+    async def answer(query: proto.Query) -> str:
+        asked.append(query.prompt)
+        return query.prompt.upper()
+
+    done = asyncio.run(pool_map(code, inputs, workers=4, respond=answer, resume=partial,
+                                progress=False))
+    assert done["state"].tolist() == ["completed"] * 12
+    assert done["result"].tolist() == [f"Q {i}" for i in range(12)]
+    assert sorted(asked) == sorted(f"q {i}" for i in range(4, 12))  # only the rest ran
+    assert done.loc["a", "worker"] == partial.loc["a", "worker"]  # kept from the first run
+    with pytest.raises(InvalidArgument, match="same inputs"):
+        asyncio.run(pool_map(code, inputs[:3], resume=partial, progress=False))
+
+
+# ------------------------------------------------------------ score, summary
+
+
+def test_score_summary_and_two_maps_side_by_side(history: History) -> None:
+    questions = pd.DataFrame({"q": [f"{i} + {i}" for i in range(10)],
+                              "expected": [str(2 * i) for i in range(10)]})
+
+    def right(query: proto.Query) -> str:
+        a, _, b = query.prompt.partition(" + ")
+        return str(int(a) + int(b))
+
+    def wrong_on_odd(query: proto.Query) -> str:
+        a = int(query.prompt.partition(" + ")[0])
+        return str(2 * a + a % 2)
+
+    def exact(row: dict[str, Any], result: Any) -> float:
+        return float(result == row["expected"])
+
+    code = "return alc.llm(ctx.q)"
+    a = asyncio.run(pool_map(code, questions, workers=2, respond=right, score=exact,
+                             progress=False))
+    b = asyncio.run(pool_map(code, questions, workers=2, respond=wrong_on_odd, score=exact,
+                             progress=False))
+    assert a["score"].tolist() == [1.0] * 10
+    assert b["score"].tolist() == [1.0, 0.0] * 5
+    summary = map_summary(b)
+    assert summary["completed"] == 10 and summary["failed"] == 0
+    assert summary["score_mean"] == 0.5
+    assert summary["score_ci_low"] < 0.5 < summary["score_ci_high"] < 1.0
+    assert summary["p50_ms"] > 0 and summary["llm_calls"] == 10
+    table = compare_maps({"direct": a, "odd": b})
+    assert list(table.columns) == ["direct", "odd"]
+    assert table.loc["score_mean"].tolist() == [1.0, 0.5]
+    assert table.loc["score_ci_low", "direct"] == 1.0  # no spread, no interval
+
+
+# -------------------------------------------------------------- real packages
+
+
+@pytest.mark.skipif(not BUNDLED.is_dir(),
+                    reason=f"the pinned corpus is absent ({CORPUS}): see shared/corpus/PIN.md")
+def test_real_cot_and_sc_packages_mapped_with_strategy(history: History) -> None:
+    lib_paths = [str(BUNDLED.resolve())]
+    questions = pd.DataFrame({"task": [f"What is {i} + {i}?" for i in range(6)]})
+
+    def model(query: proto.Query) -> str:
+        asked = re.search(r"What is (\d+) \+ (\d+)\?", query.prompt)
+        assert asked, query.prompt  # every prompt of both strategies carries the task
+        return f"The answer is {int(asked[1]) + int(asked[2])}"
+
+    cot = asyncio.run(pool_map(None, questions, strategy="cot", lib_paths=lib_paths,
+                               workers=3, respond=model, progress=False))
+    assert set(cot["state"]) == {"completed"}, cot["error"].tolist()
+    assert [r["result"]["conclusion"] for r in cot["result"]] == \
+        [f"The answer is {2 * i}" for i in range(6)]
+    assert all(len(r["result"]["chain"]) == 3 for r in cot["result"])
+    assert (cot["llm_calls"] == 4).all()  # depth 3 + the conclusion
+    sc = asyncio.run(pool_map(None, questions.assign(n=3), strategy="sc",
+                              lib_paths=lib_paths, workers=3, respond=model, progress=False))
+    assert set(sc["state"]) == {"completed"}, sc["error"].tolist()
+    assert [r["result"]["answer"] for r in sc["result"]] == \
+        [f"The answer is {2 * i}" for i in range(6)]
+    assert all(len(r["result"]["votes"]) == 3 for r in sc["result"])
+    assert (sc["llm_calls"] > cot["llm_calls"].min()).all()
