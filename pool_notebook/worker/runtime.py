@@ -516,17 +516,6 @@ class LuaSession:
         end = self._ended or time.perf_counter()
         return int((end - self._started) * 1000) if self._started else 0
 
-    @property
-    def queries(self) -> int:
-        """LLM queries so far (alias of ``llm_calls``)."""
-        return self.llm_calls
-
-    @property
-    def usage(self) -> dict[str, int]:
-        """Token totals so far (estimated where the host gave none)."""
-        p, r = self._prompt_tokens.tokens, self._response_tokens.tokens
-        return {"prompt_tokens": p, "completion_tokens": r, "total_tokens": p + r}
-
     # -------------------------------------------------------------- for natives
 
     def emit_log(self, level: str, message: str, source: str = "alc.log") -> None:
