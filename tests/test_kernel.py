@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,7 @@ def _collect(kc: Any, msg_ids: list[str], timeout: float = 60) -> dict[str, dict
             r["data"].append(content["data"])
         elif kind == "error":
             r["error"] = f"{content['ename']}: {content['evalue']}"
+            r["traceback"] = content["traceback"]
         elif kind == "status" and content["execution_state"] == "idle":
             pending.discard(parent)
     return results
@@ -133,6 +135,10 @@ def test_failed_lua_and_history_plot_as_the_kernel_sends_them(kernel: Any) -> No
     plot = _exec(kc, "%pool_history --plot;")
     assert plot["error"] is None, plot
     assert sum("image/png" in d for d in plot["data"]) == 1
+    missing = _exec(kc, "%pool_send --to nope status")  # a library error: one line + hint
+    assert missing["error"].startswith("ConnectionNotFound: no connection named 'nope'")
+    shown = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in missing["traceback"]]
+    assert len(shown) == 2 and shown[1].startswith("hint: %pool_connections")
 
 
 def test_background_send_while_other_cells_run(kernel: Any) -> None:
