@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..registry import algocline_home, home
 from . import textops
+from .jsontext import json_text
 from .mathlib import MathError, MathLib
 from .stores import CardStore, StateStore, StoreError
 
@@ -38,42 +38,6 @@ def lua_size(value: Any) -> int:
     """runtime.lua_size: Lua bytes of a JSON-able value (runtime imports this module)."""
     from .runtime import lua_size as size
     return size(value)
-
-
-def _json_text(value: Any) -> str:
-    """serde_json's compact text: sorted keys, and floats written as ryu writes them."""
-    text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"),
-                      sort_keys=True)
-    if "e+" not in text and "e-" not in text:
-        return text  # no float needed an exponent (the common case)
-    nonce = secrets.token_hex(8)
-    floats: list[str] = []
-
-    def swap(v: Any) -> Any:
-        if isinstance(v, float) and v != 0 and not 1e-4 <= abs(v) < 1e16:
-            floats.append(_ryu(v))
-            return f"\0{nonce}:{len(floats) - 1}\0"
-        if isinstance(v, dict):
-            return {k: swap(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [swap(x) for x in v]
-        return v
-    text = json.dumps(swap(value), ensure_ascii=False, allow_nan=False, separators=(",", ":"),
-                      sort_keys=True)
-    for i, literal in enumerate(floats):
-        text = text.replace(f'"\\u0000{nonce}:{i}\\u0000"', literal, 1)
-    return text
-
-
-def _ryu(x: float) -> str:
-    """A float Python writes with an exponent, as ryu (serde_json) writes it:
-    ``1.5e16`` for ``1.5e+16``, ``1e-7`` for ``1e-07``, ``0.000015`` for ``1.5e-05``."""
-    mantissa, exponent = repr(x).split("e")
-    power = int(exponent)
-    if power == -5:  # ryu writes 10^-5 <= |x| < 10^-4 without an exponent
-        sign, digits = ("-", mantissa[1:]) if mantissa.startswith("-") else ("", mantissa)
-        return f"{sign}0.0000{digits.replace('.', '')}"
-    return f"{mantissa}e{power}"
 
 
 def _json_int(text: str) -> int | float:
@@ -203,7 +167,7 @@ class _Bridge:
 
     def json_encode(self, value: Any) -> str:
         try:
-            return _json_text(self.py(value))
+            return json_text(self.py(value))
         except ValueError as exc:
             raise ValueError(f"alc.json_encode: {exc}") from None
 

@@ -35,6 +35,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 from .._version import __version__
+from .jsontext import float_text
 
 __all__ = ["CardStore", "StateStore", "StoreError"]
 
@@ -176,8 +177,10 @@ def _stable_json(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return json.dumps(value)
+    if isinstance(value, float):
+        return float_text(value)
+    if isinstance(value, int):
+        return str(value)
     if isinstance(value, str):
         return f'"{value}"'
     if isinstance(value, list):
