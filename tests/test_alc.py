@@ -377,7 +377,10 @@ def test_card_lifecycle_on_disk(w: SharedWorker) -> None:
     assert path == w.home / "cards" / "cot" / f"{card_id}.toml"
     on_disk = tomllib.loads(path.read_text())
     assert on_disk["schema_version"] == "card/v0" and on_disk["pkg"] == {"name": "cot"}
-    assert len(on_disk["param_fingerprint"]) == 16
+    h = 5381  # DJB2 (64-bit) of the params' stable JSON, as algocline's card.rs
+    for b in b'{"depth":3}':
+        h = (h * 33 + b) % 2**64
+    assert on_disk["param_fingerprint"] == f"{h:016x}"
     card = w.run(f"return alc.card.get('{card_id}')")
     assert card["stats"] == {"pass_rate": 0.75, "n": 4} and card["card_id"] == card_id
     merged = w.run(f"return alc.card.append('{card_id}', {{notes = {{text = 'hi'}}}})")
