@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 from traitlets import Bool, Float, Unicode
@@ -38,6 +38,7 @@ from .display import (
 )
 from .history import summary
 from .loop import runner
+from .mapping import map_summary, pool_map
 from .registry import Registry
 from .session import Session, resolve_responder
 
@@ -430,6 +431,59 @@ class PoolMagics(Magics):
             display(figure)
             return None
         return summary(df) if args.summary else df
+
+    @magic_arguments()
+    @argument("--in", dest="inputs", required=True,
+              help="the inputs: a DataFrame (row -> ctx), a Series (value -> ctx.input) or a "
+              "list of dicts (a Python name or expression)")
+    @argument("--out", help="store the result DataFrame in this variable (also when stopped)")
+    @argument("--workers", type=int, default=8, help="bundled workers to run at once")
+    @argument("--respond", help="answers every LLM query: a Python callable f(query) -> str "
+              "(sync or async), or a spec such as 'openai:MODEL' (default: "
+              "%%config PoolMagics.respond)")
+    @argument("--strategy", help="run a strategy package: require(PKG).run(ctx)")
+    @argument("--lib", action="append", default=[], help="extra Lua library path (repeatable)")
+    @argument("--timeout", type=float, help="seconds one input may take")
+    @argument("--score", help="a Python callable score(row, result) -> float")
+    @argument("--resume", help="a previous result DataFrame: run only its rows not completed")
+    @cell_magic
+    def pool_map(self, line: str, cell: str) -> Any:
+        """Run the cell's Lua code (or ``--strategy PKG``) once per input on a worker pool.
+
+        Shows a progress bar, then returns the frame (one row per input, in input
+        order) or, with ``--out NAME``, stores it and shows its summary. The stop
+        button stops promptly: the rows done so far are stored in ``--out`` (the
+        rest ``cancelled``) and ``--resume NAME`` runs only what is missing.
+        """
+        args = _parse(self.pool_map, line)
+        if args.strategy and cell.strip():
+            raise UsageError("%%pool_map: give Lua code in the cell or --strategy, not both")
+        if not args.strategy and not cell.strip():
+            raise UsageError("%%pool_map needs Lua code in the cell body, or --strategy PKG")
+        inputs = self._eval(args.inputs, "--in")
+        score = self._eval(args.score, "--score") if args.score else None
+        resume = self._eval(args.resume, "--resume") if args.resume else None
+        with self._errors():
+            respond = resolve_responder(self._responder(args.respond or self.respond))
+        task = runner.schedule(pool_map(
+            cell if not args.strategy else None, inputs, workers=args.workers, respond=respond,
+            lib_paths=args.lib, timeout=self._timeout(args.timeout), score=score,
+            resume=resume, strategy=args.strategy))
+        try:
+            df = self._run(task)
+        except KeyboardInterrupt:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                partial = task.result()
+                self._store(args.out, partial)
+                done = int((partial["state"] == "completed").sum())
+                where = f"stored in {args.out}" if args.out else "pass --out NAME to keep it"
+                print(f"%%pool_map stopped: {done} of {len(partial)} rows completed ({where}; "
+                      "--resume NAME runs the rest)")
+            raise
+        if not args.out:
+            return df
+        self._store(args.out, df)
+        return map_summary(df).to_frame(args.out)
 
 
 class _Progress:

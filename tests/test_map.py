@@ -6,6 +6,8 @@ import asyncio
 import os
 import re
 import signal
+import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from pool_notebook.mapping import (
     pool_map,
     strategy_code,
 )
+from tests.test_kernel import _collect, _exec, kernel  # noqa: F401 - the fixture
 
 CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
 BUNDLED = CORPUS / "algocline-bundled-packages"
@@ -335,3 +338,58 @@ def test_real_cot_and_sc_packages_mapped_with_strategy(history: History) -> None
         [f"The answer is {2 * i}" for i in range(6)]
     assert all(len(r["result"]["votes"]) == 3 for r in sc["result"])
     assert (sc["llm_calls"] > cot["llm_calls"].min()).all()
+
+
+# --------------------------------------------------------- the magic in a kernel
+
+
+@pytest.mark.kernel
+def test_pool_map_magic_in_a_real_kernel_stop_then_resume(
+        kernel: Any, tmp_path: Path) -> None:  # noqa: F811 - the fixture imported above
+    km, kc = kernel
+    blocked = tmp_path / "blocked"
+    setup = _exec(kc, textwrap.dedent(f"""
+        import asyncio, pandas as pd, pool_notebook
+        %load_ext pool_notebook
+        qs = pd.DataFrame({{"q": [f"q{{i}}" for i in range(10)]}})
+
+        async def upper(query):
+            return query.prompt.upper()
+
+        async def stuck_after_four(query):
+            if int(query.prompt[1:]) >= 4:
+                with open({str(blocked)!r}, "a") as f:
+                    f.write(query.prompt + "\\n")
+                await asyncio.Event().wait()  # a model that never answers
+            return query.prompt.upper()
+    """))
+    assert setup["error"] is None, setup
+    done = _exec(kc, "%%pool_map --in qs --workers 3 --respond upper --out first\n"
+                     "return alc.llm(ctx.q)")
+    assert done["error"] is None, done
+    check = _exec(kc, "runs = pool_notebook.history().query('op == \"run\"')\n"
+                      "print(first.result.tolist() == [q.upper() for q in qs.q], "
+                      "first.worker.nunique(), len(runs))")
+    assert check["stdout"].split() == ["True", "3", "10"], check
+    assert any("text/html" in d or "text/plain" in d for d in done["data"])  # the summary
+
+    stopped = kc.execute("%%pool_map --in qs --workers 2 --respond stuck_after_four "
+                         "--out part\nreturn alc.llm(ctx.q)")
+    deadline = time.monotonic() + 60
+    while not blocked.exists() or len(blocked.read_text().split()) < 2:
+        assert time.monotonic() < deadline, "the map never reached the blocking inputs"
+        time.sleep(0.05)
+    km.interrupt_kernel()
+    result = _collect(kc, [stopped])[stopped]
+    assert result["error"] is not None and "KeyboardInterrupt" in result["error"]
+    assert "4 of 10 rows completed (stored in part" in result["stdout"], result
+    states = _exec(kc, "print(part.state.tolist().count('completed'), "
+                       "part.state.tolist().count('cancelled'))")
+    assert states["stdout"].split() == ["4", "6"], states
+    resumed = _exec(kc, "%%pool_map --in qs --workers 2 --respond upper --out part "
+                        "--resume part\nreturn alc.llm(ctx.q)\n")
+    assert resumed["error"] is None, resumed
+    final = _exec(kc, "print(part.result.tolist() == [q.upper() for q in qs.q])")
+    assert final["stdout"].strip() == "True", final
+    usage = _exec(kc, "%%pool_map --in qs --strategy cot\nreturn 1")
+    assert "UsageError" in usage["stdout"] and "not both" in usage["stdout"], usage
