@@ -485,7 +485,7 @@ def test_print_log_progress_and_stats_reach_the_finished_metrics(w: SharedWorker
              return 1""")
     logs = [(e["level"], e["source"], e["message"]) for e in w.metrics["recent_logs"]]
     assert logs == [("info", "alc.lua.print", "a\t1\tnil\ttrue"), ("warn", "alc.log", "careful"),
-                    ("info", "alc.log", "unknown level")]
+                    ("shout", "alc.log", "unknown level")]
     assert w.metrics["progress"] == {"step": 2, "total": 5, "message": "half way"}
     assert w.metrics["custom"] == {"acc": 0.5}
 

@@ -30,10 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = ["host_functions"]
 
-#: alc.log's levels (others are logged as info, as algocline does).
-_LEVELS = frozenset({"error", "warn", "info", "debug"})
-
-
 def lua_size(value: Any) -> int:
     """runtime.lua_size: Lua bytes of a JSON-able value (runtime imports this module)."""
     from .runtime import lua_size as size
@@ -160,7 +156,9 @@ class _Bridge:
         self.emit(str(level), str(message))
 
     def emit(self, level: str, message: str, source: str = "alc.log") -> None:
-        self.session.emit_log(level if level in _LEVELS else "info", message, source)
+        """Into the session log; an unknown level is kept as given (logged as info), as
+        algocline's log sink keeps it."""
+        self.session.emit_log(level, message, source)
 
     def print(self, line: Any) -> None:
         self.emit("info", str(line).rstrip("\n"), "alc.lua.print")
