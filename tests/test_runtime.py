@@ -183,7 +183,9 @@ def test_a_factory_refuses_bad_environment_names_when_it_is_made() -> None:
 def _interrupt_while_running(session: LuaSession, reason: str) -> Step:
     """Start ``session`` here; another thread interrupts it once it logged 'looping'."""
     def stop() -> None:
-        while not any(e["message"] == "looping" for e in session.logs()):
+        deadline = time.monotonic() + 30  # a broken print must not hang the suite
+        while not any(e["message"] == "looping" for e in session.logs()) and \
+                time.monotonic() < deadline:
             time.sleep(0.001)
         session.interrupt(reason)
 
