@@ -275,6 +275,16 @@ def test_json_decode_and_state_are_sized_against_the_cap() -> None:
     assert "memory cap of 32 MiB" in error
 
 
+def test_state_get_is_sized_before_copying() -> None:
+    _, step = run("alc.state.set('big', ('x'):rep(6 * 2^20)) return 1", max_memory=64 * MiB)
+    assert step.result == 1
+    _, step = run("local ok, e = pcall(alc.state.get, 'big') return {ok, e}", max_memory=4 * MiB)
+    ok, err = step.result
+    assert ok is False and "alc.state.get" in err and "memory cap of 4 MiB" in err
+    _, step = run("return #alc.state.get('big')", max_memory=64 * MiB)
+    assert step.result == 6 * MiB
+
+
 def test_transcript_is_bounded_and_charged_within_the_cap() -> None:
     prompt = "p" * (2 * MiB)
     code = "local n = 0 for i = 1, 15 do n = n + #alc.llm(ctx.p) end return n"
