@@ -128,6 +128,24 @@ def test_endless_line_while_lua_runs_is_bounded_then_refused(start_worker: Start
     assert done["data"]["feed_result"]["Finished"]["state"] == {"Completed": {"result": "ok"}}
 
 
+def test_reply_over_the_line_limit_fails_the_session_not_the_connection(
+        start_worker: StartWorker) -> None:
+    conn = start_worker().connect()
+    conn.send({"op": "run", "code": 'return ("x"):rep(20 * 2^20)', "ctx": None,
+               "lib_paths": []})
+    line = conn.file.readline()
+    assert len(line) < 2**20
+    error = json.loads(line)["data"]["feed_result"]["Finished"]["state"]["Failed"]["error"]
+    assert error.startswith("result too large: ") and "16777216-byte line limit" in error
+    conn.send({"op": "run", "code": 'return alc.llm(("p"):rep(17 * 2^20))', "ctx": None,
+               "lib_paths": []})
+    error = conn.recv()["data"]["feed_result"]["Finished"]["state"]["Failed"]["error"]
+    assert error.startswith("LLM queries too large: ")
+    assert conn.ask({"op": "status"})["data"]["has_session"] is False  # nothing left paused
+    assert conn.ask({"op": "run", "code": "return 1", "ctx": None, "lib_paths": []})[
+        "data"]["feed_result"]["Finished"]["state"] == {"Completed": {"result": 1}}
+
+
 # ---------------------------------------------------------------- interruption
 
 

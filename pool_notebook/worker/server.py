@@ -320,10 +320,21 @@ class Worker:
         except ContinueRejected as exc:
             return error_response(f"continue failed: {exc}")
         try:
-            return encode_response(FeedData(session_id, self._feed_result(step),
-                                            self._feed_extra(step)))
+            reply = self._feed(session_id, step)
+            if len(reply) > self.max_line_bytes and self.session is not None:
+                # the client could not read it: end the session, keep the connection
+                what = "LLM queries" if step.kind == "paused" else "result"
+                reason = (f"{what} too large: {len(reply)} bytes as a reply, over the "
+                          f"{self.max_line_bytes}-byte line limit; return or ask less "
+                          "(keep big data with alc.state or alc.card)")
+                reply = self._feed(session_id, await self._in_lua(self.session.fail, reason))
+            return reply
         except ResponseEncodeError as exc:
             return error_response(f"result serialize failed: {exc}")
+
+    def _feed(self, session_id: str, step: Step) -> bytes:
+        return encode_response(FeedData(session_id, self._feed_result(step),
+                                        self._feed_extra(step)))
 
     def _start(self, session_id: str, request: Run) -> Step:
         """(Lua thread) build the session and run it to its first pause or its end."""
