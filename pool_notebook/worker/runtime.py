@@ -513,6 +513,7 @@ class LuaSession:
 
     @property
     def elapsed_ms(self) -> int:
+        """Wall-clock milliseconds since the session was bound, frozen when it ends."""
         end = self._ended or time.perf_counter()
         return int((end - self._started) * 1000) if self._started else 0
 
