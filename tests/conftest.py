@@ -57,11 +57,11 @@ class RawConnection:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         deadline = time.monotonic() + 10
-        while True:  # the socket file exists from bind(); connect is refused until listen()
+        while True:  # a stale socket may be in the way until the worker replaces it
             try:
                 self.sock.connect(path)
                 break
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, FileNotFoundError):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
