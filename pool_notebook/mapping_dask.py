@@ -49,10 +49,11 @@ class PoolPlugin(distributed.WorkerPlugin):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._pool: WorkerPool | None = None
-        self._lock = threading.Lock()
+        self._lock: threading.Lock | None = None  # made in setup: the plugin is pickled
 
     def setup(self, worker: Any) -> None:
         """Start the loop thread (the pool itself starts with the first task)."""
+        self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever,
                                         name="pool_notebook.map", daemon=True)
@@ -80,7 +81,7 @@ class PoolPlugin(distributed.WorkerPlugin):
             respond: Responder | PauseResponder | None, lib_paths: Sequence[str],
             timeout: float | None) -> list[Row]:
         """Run one partition on this process's pool (blocks the calling task thread)."""
-        if self._loop is None:
+        if self._loop is None or self._lock is None:
             raise RuntimeError("PoolPlugin.run before setup (or after teardown)")
 
         async def partition() -> list[Row]:
