@@ -213,7 +213,7 @@ class Step:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two queries may carry the same fields
 class _Entry:
     """One LLM query of the transcript (algocline's TranscriptEntry), texts cut."""
 
