@@ -1,12 +1,12 @@
-"""Start worker processes that outlive the kernel, and connect to them.
+"""Start worker processes that survive a kernel restart, and connect to them.
 
 A worker runs in its own session (``setsid``) so a kernel restart does not kill
 it; once its client is gone it exits, unless a session is paused (then it waits
 for a reconnect, up to its idle timeout). It gets a fresh algocline-style sid,
 its socket in the private pool directory and its output in ``<sid>.log`` beside
-it (removed when it exits cleanly; ``Registry.gc`` removes those of dead workers). The command is a template,
-so other workers can be spawned the same way, e.g. algocline's
-``alc pool-worker --sid {sid} --sock {sock}``.
+it (removed when it exits cleanly; ``Registry.gc`` removes those of dead
+workers). The command is a template, so other workers can be spawned the same
+way, e.g. algocline's ``alc pool-worker --sid {sid} --sock {sock}``.
 """
 
 from __future__ import annotations
