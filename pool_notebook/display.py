@@ -750,3 +750,66 @@ def register_formatters(shell: Any) -> None:
     plain = shell.display_formatter.formatters["text/plain"]
     plain.for_type(Reply, lambda r, p, cycle: p.text(reply_text(r)))
     plain.for_type(Session, lambda s, p, cycle: p.text(session_text(s)))
+
+
+# ------------------------------------------------------------------ map results
+
+def map_figure(maps: Mapping[str, pd.DataFrame] | pd.DataFrame) -> Figure:
+    """One or more ``pool_notebook.map`` results side by side, in three panels.
+
+    Rows by state (stacked bars), latency by percentile of the completed rows
+    (log axes, as :func:`history_figure`), and the score mean with its 95%
+    interval when the maps were scored (else LLM calls per row).
+    """
+    import math
+
+    import pandas as pd
+
+    from .mapping import STATES, map_summary
+
+    frames = {"map": maps} if isinstance(maps, pd.DataFrame) else dict(maps)
+    fig = _displayed_figure()(figsize=(11.5, 3.6), layout="constrained")
+    ax_state, ax_pct, ax_score = fig.subplots(1, 3)
+    names = list(frames)
+    summaries = {name: map_summary(df) for name, df in frames.items()}
+    bottom = [0.0] * len(names)
+    colors = {"completed": "C2", "failed": "C3", "timeout": "C1", "cancelled": "0.6"}
+    for state in STATES:
+        counts = [float(summaries[n][state]) for n in names]
+        ax_state.bar(names, counts, bottom=bottom, color=colors[state], label=state)
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    ax_state.set(title="rows by state", ylabel="rows")
+    ax_state.legend(fontsize="small", frameon=False)
+    for i, (name, df) in enumerate(frames.items()):
+        latency = df.loc[df["state"] == "completed", "latency_ms"].astype(float).clip(lower=1e-3)
+        if len(latency):
+            xs, ys = _percentile_curve(latency)
+            ax_pct.plot(xs, ys, color=f"C{i % 10}", lw=1.6, label=name)
+    ax_pct.set(title="latency of completed rows", xlabel="percentile",
+               ylabel="latency (ms, log)", xscale="log", yscale="log")
+    ax_pct.xaxis.set_major_formatter(_percentile_formatter())
+    if names and any(not math.isnan(summaries[n].get("score_mean", math.nan)) for n in names):
+        means = [float(summaries[n].get("score_mean", math.nan)) for n in names]
+        lows = [m - float(summaries[n].get("score_ci_low", math.nan))
+                for m, n in zip(means, names, strict=True)]
+        highs = [float(summaries[n].get("score_ci_high", math.nan)) - m
+                 for m, n in zip(means, names, strict=True)]
+        ax_score.bar(names, means, yerr=[lows, highs], capsize=6,
+                     color=[f"C{i % 10}" for i in range(len(names))])
+        ax_score.set(title="score (mean, 95% interval)", ylabel="score")
+    else:
+        calls = [float(summaries[n]["llm_calls"]) / max(1, int(summaries[n]["rows"]))
+                 for n in names]
+        ax_score.bar(names, calls, color=[f"C{i % 10}" for i in range(len(names))])
+        ax_score.set(title="LLM calls per row", ylabel="calls")
+    for ax in (ax_state, ax_pct, ax_score):
+        ax.grid(True, axis="y", alpha=0.3)
+    if len(names) > 1:
+        ax_pct.legend(fontsize="small", frameon=False)
+    return fig
+
+
+def _percentile_formatter() -> Any:
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda x, _pos: f"p{100 * (1 - 1 / x):.3g}" if x > 1 else "min")

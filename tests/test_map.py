@@ -20,6 +20,7 @@ import pool_notebook
 from pool_notebook import protocol as proto
 from pool_notebook import spawn
 from pool_notebook.connections import manager
+from pool_notebook.display import map_figure
 from pool_notebook.errors import InvalidArgument
 from pool_notebook.history import History
 from pool_notebook.mapping import (
@@ -308,6 +309,12 @@ def test_score_summary_and_two_maps_side_by_side(history: History) -> None:
     assert list(table.columns) == ["direct", "odd"]
     assert table.loc["score_mean"].tolist() == [1.0, 0.5]
     assert table.loc["score_ci_low", "direct"] == 1.0  # no spread, no interval
+    fig = map_figure({"direct": a, "odd": b})
+    ax_state, ax_pct, ax_score = fig.axes
+    assert [bar.get_height() for bar in ax_state.containers[0]] == [10, 10]  # completed
+    assert [bar.get_height() for bar in ax_score.patches] == [1.0, 0.5]
+    assert len(ax_pct.get_lines()) == 2
+    assert fig._repr_png_().startswith(b"\x89PNG")
 
 
 # -------------------------------------------------------------- real packages
