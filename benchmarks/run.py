@@ -202,5 +202,6 @@ if __name__ == "__main__":
     parts["soak"] = lambda: __import__("soak").main()  # one worker, mixed load (issue 8)
     parts["alc"] = lambda: __import__("bench_alc").main()  # alc API per-call cost (issue 12)
     parts["sandbox"] = lambda: __import__("bench_sandbox").main()  # sandbox costs (issue 12)
+    parts["map"] = lambda: __import__("bench_map").main()  # pool_notebook.map (issue 11)
     for name in sys.argv[1:] or [p for p in parts if p != "soak"]:
         parts[name]()
