@@ -56,8 +56,9 @@ TEXT_LIMIT = 65536
 #: Log entries kept per session (algocline's ring buffer: 20), and characters of each.
 LOG_ENTRIES = 20
 LOG_TEXT_LIMIT = 4096
-#: Lua instructions between two interrupt checks (~0.3-1 ms of Lua).
-HOOK_EVERY = 100_000
+#: Lua instructions between two interrupt checks (~30-100 µs of plain Lua; a loop
+#: of costly C calls, e.g. sorting a huge table each turn, checks less often).
+HOOK_EVERY = 10_000
 #: Extra room while Python copies data into Lua: an allocation failing there
 #: would abort the process (lupa pushes outside a protected call).
 HEADROOM = 1024 * 1024
