@@ -456,8 +456,9 @@ class LuaSession:
             return self._crashed(exc)
 
     def interrupt(self, reason: str) -> None:
-        """Stop this session (any thread): running Lua fails within a hook period
-        (~1 ms); a paused session fails at its next ``continue``; its children too."""
+        """Stop this session (any thread): running Lua fails at the next hook check
+        (HOOK_EVERY instructions); a paused session fails at its next ``continue``;
+        its fork children stop too."""
         self._interrupted = reason
 
     def fail(self, reason: str) -> Step:
