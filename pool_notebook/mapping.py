@@ -534,14 +534,15 @@ def map_summary(df: pd.DataFrame) -> pd.Series:
     out: dict[str, Any] = {"rows": len(df)}
     out.update({state: int(states.get(state, 0)) for state in STATES})
     for q in (50, 90, 99):
-        out[f"p{q}_ms"] = float(latency.quantile(q / 100)) if len(latency) else math.nan
+        out[f"p{q}_ms"] = round(float(latency.quantile(q / 100)), 3) if len(latency) \
+            else math.nan
     for name in _COUNT_COLUMNS:
         out[name] = int(df[name].sum()) if name in df else 0
     if "score" in df:
         scores = df["score"].astype(float).dropna()
         mean, low, high = _mean_ci(scores.tolist())
         out.update(score_mean=mean, score_ci_low=low, score_ci_high=high, scored=len(scores))
-    summary: pd.Series = pd.Series(out, name="map")
+    summary: pd.Series = pd.Series(out, name="map", dtype=object)  # counts stay ints
     return summary
 
 

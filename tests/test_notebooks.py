@@ -54,6 +54,22 @@ def test_quickstart_runs_and_shows_widgets_and_history(monkeypatch: pytest.Monke
     assert "xpcall" not in visible
 
 
+def test_compare_runs_two_strategies_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    """notebooks/compare.ipynb (issue 11): %%pool_map and map() over 50 questions."""
+    monkeypatch.setenv("POOL_NOTEBOOK_WIDGETS", "1")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # no network in tests: the stand-in
+    nb = _execute("compare.ipynb")
+    outputs = _outputs(nb)
+    assert any("answering with a deterministic stand-in" in o for o in outputs)
+    assert any("application/vnd.jupyter.widget-view+json" in o for o in outputs)  # tqdm bar
+    table = next(c for c in nb.cells if "compare_maps" in c.source)
+    assert "vote of 5" in str(table.outputs) and "score_mean" in str(table.outputs)
+    figure = next(c for c in nb.cells if c.source.startswith("map_figure"))
+    assert sum("image/png" in o.get("data", {}) for o in figure.outputs) == 1
+    assert any(o.get("text", "").startswith("direct 0.74, vote 0.92") for c in nb.cells
+               if c.cell_type == "code" for o in c.outputs)
+
+
 def test_committed_notebooks_have_no_outputs() -> None:
     for path in NOTEBOOKS.glob("*.ipynb"):
         nb = nbformat.read(path, as_version=4)
