@@ -9,7 +9,6 @@ float (card fingerprints hash it).
 from __future__ import annotations
 
 import json
-import secrets
 from typing import Any
 
 __all__ = ["float_text", "json_text"]
@@ -21,6 +20,8 @@ def json_text(value: Any) -> str:
                       sort_keys=True)
     if "e+" not in text and "e-" not in text:
         return text  # no float needed an exponent (the common case)
+    import secrets  # rare path: keep the worker's import light
+
     nonce = secrets.token_hex(8)
     floats: list[str] = []
 

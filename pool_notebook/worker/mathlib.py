@@ -13,9 +13,10 @@ import math
 import statistics
 from collections.abc import Sequence
 from itertools import permutations as _permutations
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np  # imported where used: the worker starts without numpy
 
 __all__ = ["MathError", "MathLib"]
 
@@ -97,6 +98,7 @@ class MathLib:
                 not math.isfinite(seed):
             raise MathError(f"alc.math.rng_create: seed must be an integer, got {seed!r}")
         handle = len(self._rngs) + 1
+        import numpy as np
         self._rngs[handle] = np.random.default_rng(int(seed) & 0xFFFFFFFFFFFFFFFF)
         return handle
 
@@ -169,7 +171,7 @@ class MathLib:
         if any(w < 0 for w in values) or not total > 0:
             raise MathError("alc.math.categorical_sample: weights must be >= 0 with a "
                             "positive sum")
-        return int(self._rng(rng).choice(len(values), p=np.array(values) / total)) + 1
+        return int(self._rng(rng).choice(len(values), p=[w / total for w in values])) + 1
 
     def shuffle(self, rng: int, n: int) -> list[int]:
         """A permutation of 1..n (alc.lua applies it to the caller's table in place)."""
@@ -220,9 +222,11 @@ class MathLib:
     # ------------------------------------------------------------------ transforms
 
     def softmax(self, data: Any) -> list[float]:
-        values = np.array(_numbers("softmax", data))
-        e = np.exp(values - values.max())
-        return [float(x) for x in e / e.sum()]
+        values = _numbers("softmax", data)
+        top = max(values)
+        e = [math.exp(v - top) for v in values]
+        total = sum(e)
+        return [x / total for x in e]
 
     def log_normalize(self, data: Any) -> list[float]:
         values = _numbers("log_normalize", data)
@@ -238,6 +242,7 @@ class MathLib:
         values = _numbers("histogram", data)
         if int(bins) <= 0:
             raise MathError(f"alc.math.histogram: bins must be > 0, got {bins}")
+        import numpy as np
         counts, edges = np.histogram(values, bins=int(bins))
         return {"counts": [int(c) for c in counts], "edges": [float(e) for e in edges]}
 

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 from ..registry import algocline_home, home
 from . import textops
 from .jsontext import json_text
-from .mathlib import MathError, MathLib
 from .stores import CardStore, StateStore, StoreError
 
 if TYPE_CHECKING:
+    from .mathlib import MathLib
     from .runtime import LuaSession, Step
 
 __all__ = ["host_functions"]
@@ -123,9 +123,17 @@ class _Bridge:
         self.session = session
         self.dirs, self.state, self.cards = _places(os.environ.get("POOL_NOTEBOOK_HOME"),
                                                     os.environ.get("ALC_HOME"))
-        self.math_lib = MathLib()
+        self._math: MathLib | None = None
         self.forks: dict[int, list[_Child]] = {}
         self.slot_sizes: dict[tuple[str, ...], int] = {}
+
+    @property
+    def math_lib(self) -> MathLib:
+        """The session's alc.math (imported on first use: the worker starts without numpy)."""
+        if self._math is None:
+            from .mathlib import MathLib
+            self._math = MathLib()
+        return self._math
 
     # ------------------------------------------------------------------ values
 
@@ -296,7 +304,7 @@ class _Bridge:
 
     def math(self, name: Any, *args: Any) -> Any:
         """``alc.math.<name>(args...)``."""
-        if name not in MathLib.NAMES:
+        if name not in self.math_lib.NAMES:
             raise ValueError(f"alc.math.{name}: no such function")
         return self.lua(getattr(self.math_lib, name)(*(self.py(a) for a in args)))
 
@@ -376,12 +384,12 @@ class _Bridge:
             "time": time.time,
             "dirs": lambda: self.lua(self.dirs),
             "math": self.math,
-            "math_names": lambda: self.lua(sorted(MathLib.NAMES)),
+            "math_names": lambda: self.lua(sorted(self.math_lib.NAMES)),
             "rng_floats": lambda rng, n: self.lua(self.math_lib.floats(rng, n)),
         }
 
 
-_DOMAIN_ERRORS = (ValueError, StoreError, MathError, KeyError, MemoryError)
+_DOMAIN_ERRORS = (ValueError, StoreError, KeyError, MemoryError)  # MathError is a ValueError
 
 
 def _guarded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 
-from rapidfuzz.distance import JaroWinkler
-
 __all__ = ["chunk", "match_bool", "match_enum"]
 
 _TRUE_WORDS = ("approved", "yes", "ok", "accept", "pass", "confirm", "agree", "true", "lgtm")
@@ -55,6 +53,8 @@ def match_enum(text: str, candidates: list[str], threshold: float = 0.7) -> str 
             best = (pos, c)
     if best is not None:
         return best[1]
+    from rapidfuzz.distance import JaroWinkler  # only for the fuzzy fallback
+
     fuzzy: tuple[float, int] | None = None
     for raw in lowered.split():
         token = raw.strip("".join({ch for ch in raw if not ch.isalnum()}))
