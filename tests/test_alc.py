@@ -712,3 +712,19 @@ def test_every_math_function_answers_with_valid_arguments(w: SharedWorker) -> No
     assert result["mrr"] == pytest.approx(0.5)
     assert sorted(result["shuffle"]) == [1, 2, 3]
     assert all(x in ("a", "b") for x in result["sample_with_replacement"])
+
+
+@pytest.mark.usefixtures("w")
+def test_state_incr_from_two_workers_loses_no_update() -> None:
+    """Two workers on one home increment one counter at the same time: every increment
+    lands (the namespace file is rewritten under an exclusive lock)."""
+    code = "for i = 1, 150 do alc.state.incr('hits') end return alc.state.get('hits')"
+
+    async def both() -> list[Any]:
+        clients = [(await spawn_and_connect())[0] for _ in range(2)]  # both ready first
+        feeds = await asyncio.gather(*(c.run(code, ctx={"_ns": "t_race"}) for c in clients))
+        for c in clients:
+            await c.shutdown()
+        return [f.feed_result.outcome.result for f in feeds]
+    results = asyncio.run(asyncio.wait_for(both(), 120))
+    assert max(results) == 300.0 and min(results) >= 150.0
