@@ -124,6 +124,9 @@ async def dask_rows(client: Any, code: str, todo: list[tuple[int, dict[str, Any]
     """
     if not isinstance(client, distributed.Client):
         raise InvalidArgument(f"cluster= takes a distributed.Client, not {type(client).__name__}")
+    if client.asynchronous:
+        raise InvalidArgument("cluster= takes a synchronous distributed.Client (the default); "
+                              "this one was made with asynchronous=True")
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise InvalidArgument("with cluster=, workers is the number of bundled workers per "
                               f"Dask worker process (a positive int), not {workers!r}")
