@@ -390,7 +390,7 @@ def test_worker_imports_nothing_of_the_notebook_layer() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True)
     loaded = set(done.stdout.split())
-    heavy = {"pandas", "IPython", "ipywidgets", "matplotlib",
+    heavy = {"pandas", "IPython", "ipywidgets", "matplotlib", "numpy", "scipy", "rapidfuzz",
              "pool_notebook.connections", "pool_notebook.history", "pool_notebook.magics",
              "pool_notebook.display", "pool_notebook.client"}
     assert not heavy & loaded
