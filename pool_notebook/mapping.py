@@ -176,9 +176,17 @@ class WorkerPool:
 
             history = manager.history
         options: dict[str, Any] = {"version": PROTOCOL_VERSION}
-        results = await asyncio.gather(
-            *(spawn_and_connect(command, **options) for _ in range(workers)),
-            return_exceptions=True)
+        tasks = [asyncio.ensure_future(spawn_and_connect(command, **options))
+                 for _ in range(workers)]
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:  # stopped while starting: stop what did start
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    client, process = task.result()
+                    client.close()
+                    _terminate(process.pid)
+            raise
         conns = [Connection(f"{name}-{i}", r[0], history, worker=r[1],
                             respawn=(command, options))
                  for i, r in enumerate(results) if isinstance(r, tuple)]
@@ -229,8 +237,13 @@ class WorkerPool:
 def _stop(conn: Connection) -> None:
     """Stop the worker process this connection spawned (it may hold a session)."""
     if conn.worker is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(conn.worker.pid, signal.SIGTERM)
+        _terminate(conn.worker.pid)
+
+
+def _terminate(pid: int) -> None:
+    """SIGTERM a worker we spawned: it interrupts its Lua and exits."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
 
 
 async def _run_one(conn: Connection, code: str, ctx: dict[str, Any], *,

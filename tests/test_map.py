@@ -275,6 +275,22 @@ def test_cancel_returns_partial_rows_and_resume_completes_them(history: History)
         asyncio.run(pool_map(code, inputs[:3], resume=partial, progress=False))
 
 
+def test_cancel_while_the_pool_starts_returns_every_row_cancelled(history: History) -> None:
+    async def never(query: proto.Query) -> str:
+        await asyncio.Event().wait()
+        return ""
+
+    async def main() -> pd.DataFrame:
+        task = asyncio.ensure_future(pool_map('return alc.llm("x")', pd.Series(range(6)),
+                                              workers=3, respond=never, progress=False))
+        await asyncio.sleep(0.2)  # spawning, or (on a fast machine) waiting on the model
+        task.cancel()
+        return await task
+
+    df = asyncio.run(main())
+    assert df["state"].tolist() == ["cancelled"] * 6 and df["result"].isna().all()
+
+
 # ------------------------------------------------------------ score, summary
 
 
