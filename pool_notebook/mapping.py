@@ -508,6 +508,7 @@ def _missing(value: Any) -> bool:
 def _frame(inputs: pd.DataFrame, rows: list[Row], ctxs: list[dict[str, Any]],
            score: Callable[[dict[str, Any], Any], float] | None) -> pd.DataFrame:
     """The output: the input's columns, then the result columns (and score)."""
+    scores = None if score is None else [_score(score, ctxs[r.position], r) for r in rows]
     out = inputs.copy()
     for name in RESULT_COLUMNS:
         out[name] = pd.Series([getattr(r, name) for r in rows], index=inputs.index,
@@ -516,22 +517,22 @@ def _frame(inputs: pd.DataFrame, rows: list[Row], ctxs: list[dict[str, Any]],
         out[name] = out[name].astype("Int64")
     out["latency_ms"] = out["latency_ms"].astype(float)
     out["state"] = pd.Categorical(out["state"], categories=list(STATES))
-    if score is not None:
-        out["score"] = [_score(score, ctxs[r.position], r) for r in rows]
+    if scores is not None:
+        out["score"] = scores
     result: pd.DataFrame = out
     return result
 
 
 def _score(score: Callable[[dict[str, Any], Any], float], ctx: dict[str, Any],
            row: Row) -> float:
+    """The row's score; NaN if it did not complete, or (said in ``error``) if score raised."""
     if row.state != "completed":
         return math.nan
     try:
         return float(score(ctx, row.result))
-    except Exception as exc:
-        raise InvalidArgument(f"score(row, result) failed on input {row.position}: "
-                              f"{type(exc).__name__}: {exc} (the frame without scores is "
-                              "still returned if you call map again with resume=)") from exc
+    except Exception as exc:  # the user's function: its failure must not lose the map
+        row.error = f"score(row, result) raised {type(exc).__name__}: {exc}"
+        return math.nan
 
 
 #: ``pool_notebook.map``: the name users call (shadows the builtin only in this module).

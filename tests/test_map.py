@@ -315,6 +315,14 @@ def test_score_summary_and_two_maps_side_by_side(history: History) -> None:
     b = asyncio.run(pool_map(code, questions, workers=2, respond=wrong_on_odd, score=exact,
                              progress=False))
     assert a["score"].tolist() == [1.0] * 10
+    picky = asyncio.run(pool_map(code, questions, workers=2, respond=right,
+                                 score=lambda row, result: 1 / (int(result) % 4),
+                                 progress=False))  # raises on multiples of 4
+    zero = picky["result"].astype(int) % 4 == 0
+    assert picky.loc[zero, "score"].isna().all() and picky.loc[~zero, "score"].notna().all()
+    assert picky.loc[zero, "error"].str.startswith("score(row, result) raised "
+                                                   "ZeroDivisionError").all()
+    assert set(picky["state"]) == {"completed"}  # the map itself succeeded
     assert b["score"].tolist() == [1.0, 0.0] * 5
     summary = map_summary(b)
     assert summary["completed"] == 10 and summary["failed"] == 0
