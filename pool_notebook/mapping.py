@@ -298,8 +298,9 @@ async def run_rows(pool: WorkerPool, code: str, todo: Iterable[tuple[int, dict[s
                    on_start: Callable[[], None] | None = None) -> dict[int, Row]:
     """Run every ``(position, ctx)`` of ``todo`` on the pool; rows by position.
 
-    One task per connection takes the next input when its session ends. If the
-    task is cancelled, rows not finished stay ``cancelled``.
+    One task per connection takes the next input when its session ends.
+    Cancelling it cancels the sessions in flight (the history marks their
+    requests cancelled); the caller keeps the rows ``on_row`` already reported.
     """
     queue = deque(todo)
     rows: dict[int, Row] = {}
