@@ -224,12 +224,6 @@ class WorkerPool:
                 _stop(conn)
             conn.close()
 
-    async def __aenter__(self) -> WorkerPool:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
     def __len__(self) -> int:
         return len(self.connections)
 
