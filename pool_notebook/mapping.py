@@ -44,8 +44,9 @@ from .history import History, counts_from_metrics
 from .session import PauseResponder, Responder, Session, SessionState, resolve_responder
 from .spawn import spawn_and_connect
 
-__all__ = ["RESULT_COLUMNS", "STATES", "WorkerPool", "compare_maps", "map", "map_summary",
-           "pool_map", "strategy_code"]
+#: ``map`` (the alias below) is left out: a star import must not hide Python's map.
+__all__ = ["RESULT_COLUMNS", "STATES", "Row", "WorkerPool", "compare_maps", "map_summary",
+           "node_name", "pool_map", "run_rows", "strategy_code"]
 
 #: The states a row can end in.
 STATES = ("completed", "failed", "timeout", "cancelled")
