@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 
 import pool_notebook
+from pool_notebook import llm, spawn
 from pool_notebook import protocol as proto
-from pool_notebook import spawn
 from pool_notebook.connections import manager
 from pool_notebook.display import map_figure
 from pool_notebook.errors import InvalidArgument
@@ -31,6 +31,7 @@ from pool_notebook.mapping import (
     pool_map,
     strategy_code,
 )
+from tests.fakes import FakeChatServer
 from tests.test_kernel import _collect, _exec, kernel  # noqa: F401 - the fixture
 
 CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
@@ -289,6 +290,25 @@ def test_cancel_while_the_pool_starts_returns_every_row_cancelled(history: Histo
 
     df = asyncio.run(main())
     assert df["state"].tolist() == ["cancelled"] * 6 and df["result"].isna().all()
+
+
+def test_a_model_responder_records_then_the_map_replays_without_the_provider(
+        history: History, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "POOL_NOTEBOOK_ANSWERS"):
+        monkeypatch.delenv(name, raising=False)  # the store is <pool_home>/answers.sqlite
+    code = 'return alc.llm("say " .. ctx.input)'
+    inputs = pd.Series(["a", "b", "c", "d", "e"])
+    with FakeChatServer(answer=lambda body, n: body["messages"][-1]["content"].upper()) as chat:
+        recorded = asyncio.run(pool_map(code, inputs, workers=2, progress=False,
+                                        respond=llm.openai("m", base_url=chat.base_url)))
+        assert chat.calls == 5
+    assert recorded["result"].tolist() == ["SAY A", "SAY B", "SAY C", "SAY D", "SAY E"]
+    assert (recorded["prompt_tokens"] > 0).all() and (recorded["completion_tokens"] > 0).all()
+    replayed = asyncio.run(pool_map(code, inputs, workers=2, progress=False,
+                                    respond=llm.openai("m", cache="replay")))
+    assert replayed["result"].tolist() == recorded["result"].tolist()
+    replays = history.frame().query("op == 'continue'")["replayed"].tolist()
+    assert replays == [False] * 5 + [True] * 5
 
 
 # ------------------------------------------------------------ score, summary
