@@ -355,6 +355,16 @@ def test_invalid_seconds_arguments_fall_back_to_the_default(
     assert f"ignoring {flag}={value!r}" in worker.output()
 
 
+def test_handshake_timeout_from_the_environment(start_worker: StartWorker) -> None:
+    bad = start_worker(env={"POOL_WORKER_HANDSHAKE_TIMEOUT": "-2"})
+    assert bad.connect().ask({"op": "status"})["ok"] is True
+    assert "ignoring POOL_WORKER_HANDSHAKE_TIMEOUT='-2'" in bad.output()
+    quick = start_worker(env={"POOL_WORKER_HANDSHAKE_TIMEOUT": "0.5"})
+    silent = RawConnection(quick.sock)  # never greets: closed after 0.5 s
+    assert silent.at_eof()
+    assert quick.connect().ask({"op": "status"})["ok"] is True
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "lots", "99999999"])
 def test_max_memory_out_of_range_is_refused(start_worker: StartWorker, value: str) -> None:
     worker = start_worker("--max-memory-mb", value)
