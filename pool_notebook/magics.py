@@ -32,6 +32,7 @@ from .connections import Connection, Reply, manager, parse_request
 from .display import (
     SessionView,
     history_figure,
+    map_figure,
     register_formatters,
     session_progress,
     widgets_enabled,
@@ -446,6 +447,8 @@ class PoolMagics(Magics):
     @argument("--timeout", type=float, help="seconds one input may take")
     @argument("--score", help="a Python callable score(row, result) -> float")
     @argument("--resume", help="a previous result DataFrame: run only its rows not completed")
+    @argument("--plot", action="store_true",
+              help="also show the result's figure (states, latency percentiles, score)")
     @cell_magic
     def pool_map(self, line: str, cell: str) -> Any:
         """Run the cell's Lua code (or ``--strategy PKG``) once per input on a worker pool.
@@ -480,6 +483,8 @@ class PoolMagics(Magics):
                 print(f"%%pool_map stopped: {done} of {len(partial)} rows completed ({where}; "
                       "--resume NAME runs the rest)")
             raise
+        if args.plot:
+            display(map_figure({args.out or "map": df}))
         if not args.out:
             return df
         self._store(args.out, df)

@@ -415,14 +415,15 @@ def test_pool_map_magic_in_a_real_kernel_stop_then_resume(
             return query.prompt.upper()
     """))
     assert setup["error"] is None, setup
-    done = _exec(kc, "%%pool_map --in qs --workers 3 --respond upper --out first\n"
+    done = _exec(kc, "%%pool_map --in qs --workers 3 --respond upper --out first --plot\n"
                      "return alc.llm(ctx.q)")
     assert done["error"] is None, done
     check = _exec(kc, "runs = pool_notebook.history().query('op == \"run\"')\n"
                       "print(first.result.tolist() == [q.upper() for q in qs.q], "
                       "first.worker.nunique(), len(runs))")
     assert check["stdout"].split() == ["True", "3", "10"], check
-    assert any("text/html" in d or "text/plain" in d for d in done["data"])  # the summary
+    assert any("score_mean" not in str(d) and "p50_ms" in str(d) for d in done["data"])
+    assert sum("image/png" in d for d in done["data"]) == 1  # --plot: the figure, once
 
     stopped = kc.execute("%%pool_map --in qs --workers 2 --respond stuck_after_four "
                          "--out part\nreturn alc.llm(ctx.q)")
