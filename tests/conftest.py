@@ -24,6 +24,15 @@ from pool_notebook._version import PROTOCOL_VERSION
 from pool_notebook.registry import Registry
 
 
+@pytest.fixture(autouse=True)
+def _keep_main_module() -> Iterator[None]:
+    """An in-process InteractiveShell swaps ``sys.modules['__main__']`` for its user module
+    (no ``__spec__``), which breaks multiprocessing's spawn in later tests: put it back."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
+
+
 @pytest.fixture
 def pool_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An isolated package home; every worker registered in it is stopped afterwards."""
