@@ -158,8 +158,9 @@ def cot(rounds: int, n: int) -> None:
 
 async def _wire_one(tree: Path | None, version: str, n: int,
                     gap: float) -> tuple[list[float], list[float]]:
-    env = {"PYTHONPATH": str(tree)} if tree else None
-    client, _w = await spawn_and_connect(env=env, version=version)
+    from bench_worker import COMMAND, tree_env
+
+    client, _w = await spawn_and_connect(COMMAND, env=tree_env(tree), version=version)
     runs: list[float] = []
     pauses: list[float] = []
     async with client:

@@ -51,12 +51,18 @@ def _version(tree: Path | None) -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
+#: -P: no current directory on sys.path, so PYTHONPATH picks the tree measured.
+COMMAND = "{python} -P -m pool_notebook.worker --sid {sid} --sock {sock}"
+
+
+def tree_env(tree: Path | None) -> dict[str, str]:
+    """The environment that makes COMMAND run the worker of ``tree`` (None: this one)."""
+    return {"PYTHONPATH": str(tree or REPO)}
+
+
 async def _one(tree: Path | None, version: str, n: int) -> tuple[float, list[float]]:
-    # -P: no current directory on sys.path, so PYTHONPATH picks the tree measured
-    command = "{python} -P -m pool_notebook.worker --sid {sid} --sock {sock}"
-    env = {"PYTHONPATH": str(tree or REPO)}
     t = time.perf_counter()
-    client, _w = await spawn_and_connect(command, env=env, version=version)
+    client, _w = await spawn_and_connect(COMMAND, env=tree_env(tree), version=version)
     ready = time.perf_counter() - t
     rtts = []
     async with client:

@@ -596,7 +596,8 @@ class _ClientConnection(asyncio.Protocol):
             reply = task.result()
         self.machine.send_reply(reply)
         self._pump()
-        self.worker.prewarm()
+        if not self.worker.paused:  # the next run needs a VM; a paused one does not yet,
+            self.worker.prewarm()   # and building it would slow the continue (2 cores)
 
     def _flush(self) -> None:
         data = self.machine.data_to_send()
