@@ -3,7 +3,8 @@
 Checks what a person sees: the connection table with the worker version, the
 paused-query widget with its prompt, an answer typed and sent with the Send
 button updating the widget, a failed Lua run led by its error in red at the
-cell's line, the history table, and the history plot drawn once. Screenshots
+cell's line, the history table, the history plot drawn once, and the progress bar
+of a ``%%pool_map`` over three inputs. Screenshots
 go to ``tests/artifacts/``.
 """
 
@@ -151,6 +152,13 @@ def test_quickstart_in_chromium(lab: str) -> None:
             assert width > 600, width
             images.first.scroll_into_view_if_needed()
             images.first.screenshot(path=str(ARTIFACTS / "history-plot.png"))
+
+            map_cell = cells.filter(has_text="%%pool_map --in questions")
+            map_cell.scroll_into_view_if_needed()  # JupyterLab renders cells in view only
+            expect(map_cell.locator(".widget-hprogress")).to_have_count(1)  # tqdm's widget bar
+            expect(map_cell.locator(".jp-OutputArea-output").first).to_contain_text("3/3")
+            expect(map_cell.locator(".jp-OutputArea-output").last).to_contain_text("completed")
+            map_cell.screenshot(path=str(ARTIFACTS / "map-progress.png"))
 
             session.scroll_into_view_if_needed()
             page.screenshot(path=str(ARTIFACTS / "quickstart.png"), full_page=True)
