@@ -2,13 +2,17 @@
 
 1. client (bench_client.py): status round trip, ours before/after on asyncio and uvloop vs
    a blocking ``socket`` client vs naive asyncio streams, and a 16-way fan-out;
-2. the bundled worker (bench_worker.py): spawn-to-ready and status round trip, before/after;
+2. worker (bench_worker.py): spawn-to-ready and status round trip, before/after;
 3. magics: %%pool_send overhead over the bare client, display cost, 64-worker fan-out;
-4. history: recording cost per request, 1,000,000 rows -> DataFrame time and bytes/row.
-5. llm (bench_llm.py): a 64-query pause answered concurrently vs one at a time.
-6. soak (soak.py): one worker under 10 minutes of mixed load, RSS over time (not in "all").
-Parts: client, worker, magics, history, llm, soak (default: all but soak).
-Medians and p99 over interleaved rounds (the machines here are noisy).
+4. history: recording cost per request, 1,000,000 rows -> DataFrame time and bytes/row;
+5. llm (bench_llm.py): a 64-query pause answered concurrently vs one at a time;
+6. runtime (bench_runtime.py): Lua session start, cot vs bare lupa, the interrupt hook,
+   run and pause+continue through a real worker before/after;
+7. alc (bench_alc.py): CPU per alc call; sandbox (bench_sandbox.py): VM build, require;
+8. map (bench_map.py): 256 inputs x 2 rounds x 50 ms on 16 workers vs the ideal;
+9. soak (soak.py): one worker under 10 minutes of mixed load, RSS over time (not in "all").
+Default: all parts but soak. Medians and p99 over interleaved rounds (the machines here
+are noisy).
 """
 
 from __future__ import annotations
