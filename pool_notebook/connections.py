@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import json
 import os
 import time
@@ -19,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import protocol as proto
+from ._enums import StrEnum
 from ._version import PROTOCOL_VERSION
 from .client import LateReply, PoolClient
 from .errors import (
@@ -67,15 +67,13 @@ def parse_request(text: str) -> proto.Request:
         return proto.RawRequest(obj)  # unknown ops and extensions go out as written
 
 
-class ConnectionState(str, enum.Enum):
+class ConnectionState(StrEnum):
     """Whether a connection can be used."""
 
     OPEN = "open"
     BROKEN = "broken"
     CLOSED = "closed"
 
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 @dataclasses.dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 import array
 import atexit
 import contextlib
-import enum
 import logging
 import os
 import signal
@@ -30,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ._enums import StrEnum
 from .errors import HistoryError
 from .registry import home
 
@@ -42,7 +42,7 @@ __all__ = ["COLUMNS", "Counts", "History", "Outcome", "counts_from_metrics",
 log = logging.getLogger(__name__)
 
 
-class Outcome(str, enum.Enum):
+class Outcome(StrEnum):
     """How a request ended, as ``Reply.outcome`` and the history's ``outcome`` column."""
 
     OK = "ok"
@@ -52,8 +52,6 @@ class Outcome(str, enum.Enum):
     CANCELLED = "cancelled"
     LATE_REPLY = "late_reply"
 
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 class Counts(NamedTuple):

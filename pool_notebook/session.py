@@ -10,7 +10,6 @@ holds no display code: views render a Session and call its methods.
 from __future__ import annotations
 
 import asyncio
-import enum
 import importlib
 import inspect
 import logging
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from . import protocol as proto
+from ._enums import StrEnum
 from .errors import (
     InvalidArgument,
     ResponderError,
@@ -36,7 +36,7 @@ __all__ = ["Answer", "PauseResponder", "Responder", "Session", "SessionState",
 log = logging.getLogger(__name__)
 
 
-class SessionState(str, enum.Enum):
+class SessionState(StrEnum):
     """Where a session is: a request in flight, waiting for answers, or ended."""
 
     RUNNING = "running"
@@ -45,8 +45,6 @@ class SessionState(str, enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 _ENDED = frozenset({SessionState.COMPLETED, SessionState.FAILED, SessionState.CANCELLED})
