@@ -401,8 +401,11 @@ class History:
             updated = sorted(seq for seq in self._dirty if seq < lo)
             self._dirty.clear()
             wide = [tuple(row[c] for c in _SQL_COLUMNS) for row in map(self.row, updated)]
+            # read after n: every row below n has its key below key_count (interned first);
+            # keys interned meanwhile wait for the next batch, which key_count must say
+            key_count = len(self._keys)
             keys = [(kid, self.kernel_session, *map(_plain, key)) for kid, key in
-                    enumerate(self._keys[self._keys_sent:], self._keys_sent)]
+                    enumerate(self._keys[self._keys_sent:key_count], self._keys_sent)]
             if self._counts:
                 got = list(map(self._counts.get, range(lo, n), repeat(_NO_COUNTS)))
                 counts = [_nullable([c[j] for c in got]) for j in range(4)]
@@ -411,7 +414,7 @@ class History:
             rows = list(zip(range(lo, n), self._pid[lo:n], self._sent[lo:n],
                             self._latency[lo:n], self._req[lo:n], self._resp[lo:n], *counts,
                             self._kid[lo:n], strict=False))
-        return _Batch(n, len(self._keys), keys, rows, wide)
+        return _Batch(n, key_count, keys, rows, wide)
 
     def _write(self) -> int:
         """Writer thread: copy pending rows to SQLite; returns how many were written."""

@@ -92,7 +92,12 @@ class RawConnection:
         return self.ask({"op": "handshake", "version": version})
 
     def at_eof(self) -> bool:
-        return self.file.readline() == b""
+        """True once the worker closed the connection (a reset counts: closing a socket
+        with our unread bytes in it sends RST instead of FIN)."""
+        try:
+            return self.file.readline() == b""
+        except ConnectionResetError:
+            return True
 
     def close(self) -> None:
         self.file.close()

@@ -140,6 +140,29 @@ def test_sqlite_keeps_every_kernel_session(tmp_path: Path) -> None:
     assert History(None).flush() == 0  # persistence off: nothing written
 
 
+def test_rows_with_new_keys_recorded_while_the_writer_snapshots_all_reach_sqlite(
+        tmp_path: Path) -> None:
+    """A key interned while the writer takes its snapshot must still be sent (once lost,
+    every later row with that key was silently dropped by the INSERT's join)."""
+    path = tmp_path / "h.sqlite"
+    h = History(path, interval=0.0005)  # the writer snapshots all the time
+    n = 20_000
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # and the two threads interleave as finely as they can
+    try:
+        for i in range(n):
+            h.record(connection="w0", socket="/s.sock", worker_pid=42,
+                     worker_version="0.31.0", op="status", session_id=f"s-{i}",
+                     sent_ns=next(_clock), latency_ms=1.0, outcome=Outcome.OK)  # new key each
+    finally:
+        sys.setswitchinterval(switch)
+    h.flush()
+    assert len(h.frame(all_sessions=True)) == n
+    h.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(DISTINCT session_id) FROM requests").fetchone() == (n,)
+
+
 def test_recording_goes_on_after_close_with_every_string_in_place(tmp_path: Path) -> None:
     h = History(tmp_path / "h.sqlite", kernel_session="k")
     _add(h, "run")
