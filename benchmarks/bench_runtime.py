@@ -20,12 +20,10 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +41,6 @@ CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
 PACKAGES = CORPUS / "algocline-bundled-packages"
 COT = 'return require("cot").run({task = "Why is the sky blue?", depth = 3})'
 ANSWER = "Light scatters off molecules; shorter wavelengths scatter more."
-DEFAULT_BEFORE = "81264a7"  # the worker before the runtime work (a fresh VM per session)
 N = 300
 
 # The bare baseline: lupa, the package path, and alc.llm answering in process.
@@ -210,13 +207,9 @@ async def wire(before_ref: str, rounds: int, n: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", default=DEFAULT_BEFORE, help="git ref of 'before'")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("-n", type=int, default=N, help="sessions per round and runner")
-    opts = parser.parse_args(argv if argv is not None else [])
-    os.environ.setdefault("POOL_NOTEBOOK_HOME", tempfile.mkdtemp(prefix="pnb-home-"))
+    from bench_worker import before_after_args
+
+    opts = before_after_args(__doc__, argv, N, "sessions per round and runner")
     in_process(opts.rounds, opts.n)
     cot(opts.rounds, max(opts.n // 3, 1))
     hook_cost(opts.rounds)

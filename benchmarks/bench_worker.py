@@ -103,14 +103,21 @@ async def _main(before_ref: str, rounds: int, n: int) -> None:
           f"status round trip target >= 10k req/s on one connection")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+def before_after_args(doc: str | None, argv: list[str] | None, n: int,
+                      n_help: str) -> argparse.Namespace:
+    """The options of a before/after benchmark (--before, --rounds, -n), and a private home."""
+    parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default=DEFAULT_BEFORE, help="git ref of 'before'")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("-n", type=int, default=N, help="status requests per round")
+    parser.add_argument("-n", type=int, default=n, help=n_help)
     opts = parser.parse_args(argv if argv is not None else [])
     os.environ.setdefault("POOL_NOTEBOOK_HOME", tempfile.mkdtemp(prefix="pnb-home-"))
+    return opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = before_after_args(__doc__, argv, N, "status requests per round")
     asyncio.run(_main(opts.before, opts.rounds, opts.n))
 
 
