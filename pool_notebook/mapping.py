@@ -443,7 +443,8 @@ async def pool_map(
 
             rows.update(await dask_rows(cluster, code, todo, respond=responder,
                                         lib_paths=lib_paths, timeout=timeout,
-                                        workers=workers, on_row=finished))
+                                        workers=workers, on_row=finished,
+                                        on_start=bar.started))
         else:
             rows.update(await _local_rows(code, todo, workers, responder, lib_paths,
                                           timeout, finished, bar.started))

@@ -8,14 +8,26 @@ reused by the next ones, shut down with the Dask worker. The code, the inputs
 and the responder travel with Dask's serialisation (cloudpickle). The rows come
 back with the ``node`` (host:pid) of the Dask worker that drove them.
 
+Progress travels with Dask's structured events: each task logs every row as it
+starts and as it ends (``Worker.log_event`` on a topic made for this map call)
+and the driver subscribes to that topic (``Client.subscribe_topic``), so the
+bar moves per row and rows done inside a partition that is later cancelled are
+kept. The task's return value only fills in the rows whose event was missed.
+Stopping the map sets a ``distributed.Event`` that the running tasks watch, so
+their sessions stop too instead of running on unseen.
+
 Imported only when ``cluster=`` is given: ``distributed`` is the ``[dask]`` extra.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
+import dataclasses
 import math
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,10 +41,14 @@ except ImportError as exc:  # pragma: no cover - the [dask] extra is missing
     raise ImportError("map(cluster=...) needs Dask distributed: pip install "
                       "'pool-notebook[dask]'") from exc
 
-__all__ = ["PLUGIN_NAME", "PoolPlugin", "dask_rows"]
+__all__ = ["PLUGIN_NAME", "PoolPlugin", "close_clients", "connect", "dask_rows"]
 
 #: The name the plugin is registered under on every Dask worker.
 PLUGIN_NAME = "pool_notebook.map"
+#: How often (seconds) a running task looks whether its map was stopped.
+_STOP_POLL = 1.0
+
+Todo = list[tuple[int, dict[str, Any]]]
 
 
 class PoolPlugin(distributed.WorkerPlugin):
@@ -77,17 +93,41 @@ class PoolPlugin(distributed.WorkerPlugin):
             self._pool = await WorkerPool.spawn(self.workers, name="dask-map")
         return self._pool
 
-    def run(self, code: str, todo: list[tuple[int, dict[str, Any]]],
-            respond: Responder | PauseResponder | None, lib_paths: Sequence[str],
-            timeout: float | None) -> list[Row]:
-        """Run one partition on this process's pool (blocks the calling task thread)."""
+    def _stop(self, work: asyncio.Future[Any], pool: WorkerPool) -> None:
+        """The map was stopped: cancel the partition's sessions and shut the pool down."""
+        work.cancel()
+        pool.close()
+        if self._pool is pool:
+            self._pool = None
+
+    def run(self, code: str, todo: Todo, respond: Responder | PauseResponder | None,
+            lib_paths: Sequence[str], timeout: float | None, *,
+            on_start: Callable[[int], None] | None = None,
+            on_row: Callable[[Row], None] | None = None,
+            stop: distributed.Event | None = None) -> list[Row]:
+        """Run one partition on this process's pool (blocks the calling task thread).
+
+        ``on_start(position)`` / ``on_row(row)`` are called on the pool's loop
+        thread as each input starts and ends. If ``stop`` is set, the partition's
+        sessions are cancelled and the pool is shut down (the next task starts a
+        fresh one), as a local map does when it is stopped.
+        """
         if self._loop is None or self._lock is None:
             raise RuntimeError("PoolPlugin.run before setup (or after teardown)")
+        # run_rows takes the inputs in todo's order and calls on_start as it takes each
+        order = iter([position for position, _ctx in todo])
+        started = None if on_start is None else (lambda: on_start(next(order)))
 
         async def partition() -> list[Row]:
             pool = await self._ensure_pool()
-            rows = await run_rows(pool, code, todo, respond=respond, lib_paths=lib_paths,
-                                  timeout=timeout)
+            work = asyncio.ensure_future(run_rows(
+                pool, code, todo, respond=respond, lib_paths=lib_paths, timeout=timeout,
+                on_row=on_row, on_start=started))
+            if stop is not None:
+                loop = asyncio.get_running_loop()
+                threading.Thread(target=_watch, args=(stop, work, loop, self._stop, pool),
+                                 name="pool_notebook.map.stop", daemon=True).start()
+            rows = await work
             return [rows[position] for position, _ctx in todo]
 
         with self._lock:  # one partition at a time uses the pool's workers
@@ -99,13 +139,34 @@ class PoolPlugin(distributed.WorkerPlugin):
                 raise
 
 
-def _run_partition(code: str, todo: list[tuple[int, dict[str, Any]]],
+def _watch(stop: distributed.Event, work: asyncio.Future[Any],
+           loop: asyncio.AbstractEventLoop, on_stop: Callable[[asyncio.Future[Any], WorkerPool],
+                                                        None], pool: WorkerPool) -> None:
+    """Until ``work`` ends, look every second whether ``stop`` was set (its own thread)."""
+    while not work.done():
+        if stop.wait(_STOP_POLL):  # type: ignore[no-untyped-call]
+            loop.call_soon_threadsafe(on_stop, work, pool)
+            return
+
+
+def _run_partition(topic: str, code: str, todo: Todo,
                    respond: Responder | PauseResponder | None, lib_paths: Sequence[str],
                    timeout: float | None) -> list[Row]:
-    """The Dask task: this worker process's plugin runs the partition."""
-    plugin = distributed.get_worker().plugins[PLUGIN_NAME]
+    """The Dask task: this worker process's plugin runs the partition, logging each row."""
+    worker = distributed.get_worker()
+    plugin = worker.plugins[PLUGIN_NAME]
     assert isinstance(plugin, PoolPlugin)
-    return plugin.run(code, todo, respond, lib_paths, timeout)
+
+    def started(position: int) -> None:
+        worker.log_event(topic, {"start": position})
+
+    def finished(row: Row) -> None:
+        worker.log_event(topic, {"row": dataclasses.asdict(row)})
+
+    stop = distributed.Event(f"{topic}.stop",  # type: ignore[no-untyped-call]
+                             client=distributed.get_client())
+    return plugin.run(code, todo, respond, lib_paths, timeout, on_start=started,
+                      on_row=finished, stop=stop)
 
 
 def _has_plugin(workers: int, dask_worker: Any = None) -> bool:
@@ -113,14 +174,90 @@ def _has_plugin(workers: int, dask_worker: Any = None) -> bool:
     return isinstance(plugin, PoolPlugin) and plugin.workers == workers
 
 
-async def dask_rows(client: Any, code: str, todo: list[tuple[int, dict[str, Any]]], *,
+def _forget_topic(topic: str, dask_scheduler: Any = None) -> None:
+    """Drop a finished map's events from the scheduler's log (they carry its results)."""
+    dask_scheduler._broker.truncate(topic)
+
+
+class _Rows:
+    """The rows of one map on the driver's loop: each counted once, however it arrives.
+
+    A row arrives by its event or, if that was missed, with its task's result;
+    whichever comes first counts, the other is ignored. ``on_start`` is called
+    once for every row before its ``on_row`` (so a bar's running count returns
+    to 0), and nothing is passed on after :meth:`close`.
+    """
+
+    def __init__(self, positions: set[int], on_start: Callable[[], None] | None,
+                 on_row: Callable[[Row], None]) -> None:
+        self.positions = positions
+        self.rows: dict[int, Row] = {}
+        self.started: set[int] = set()
+        self.open = True
+        self._on_start = on_start
+        self._on_row = on_row
+
+    def event(self, msg: Any) -> None:
+        """One event a task logged: ``{"start": position}`` or ``{"row": fields}``."""
+        if isinstance(msg, dict) and "start" in msg:
+            self.start(msg["start"])
+        elif isinstance(msg, dict) and "row" in msg:
+            self.finish(Row(**msg["row"]))
+
+    def start(self, position: int) -> None:
+        if self.open and position in self.positions and position not in self.started:
+            self.started.add(position)
+            if self._on_start is not None:
+                self._on_start()
+
+    def finish(self, row: Row) -> None:
+        if not self.open or row.position not in self.positions or row.position in self.rows:
+            return
+        self.start(row.position)
+        self.rows[row.position] = row
+        self._on_row(row)
+
+    def fill(self, rows: list[Row]) -> None:
+        """A task's result: its rows not reported by an event."""
+        for row in rows:
+            self.finish(row)
+
+    def close(self) -> None:
+        self.open = False
+
+
+class _Relay:
+    """The topic's handler: runs on the Client's loop thread, hands events to the driver's loop.
+
+    The Client keeps a handler after ``unsubscribe_topic``, so :meth:`close`
+    drops the references (and any event still in flight).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handle: Callable[[Any], None]) -> None:
+        self._target: tuple[asyncio.AbstractEventLoop, Callable[[Any], None]] | None = \
+            (loop, handle)
+
+    def __call__(self, event: tuple[float, Any]) -> None:
+        target = self._target
+        if target is not None:
+            with contextlib.suppress(RuntimeError):  # the driver's loop is closed
+                target[0].call_soon_threadsafe(target[1], event[1])
+
+    def close(self) -> None:
+        self._target = None
+
+
+async def dask_rows(client: Any, code: str, todo: Todo, *,
                     respond: Responder | PauseResponder | None, lib_paths: Sequence[str],
                     timeout: float | None, workers: Any,
-                    on_row: Callable[[Row], None]) -> dict[int, Row]:
+                    on_row: Callable[[Row], None],
+                    on_start: Callable[[], None] | None = None) -> dict[int, Row]:
     """Run ``todo`` as Dask tasks on ``client``'s cluster; rows by position.
 
     ``workers`` is the number of bundled workers per Dask worker process.
-    Cancelling cancels the tasks not finished (their rows stay ``cancelled``).
+    ``on_start()`` and ``on_row(row)`` are called on this loop as each row starts
+    and ends on its Dask worker. Cancelling stops the running tasks' sessions and
+    cancels the others; the rows already reported stay with ``on_row``'s caller.
     """
     if not isinstance(client, distributed.Client):
         raise InvalidArgument(f"cluster= takes a distributed.Client, not {type(client).__name__}")
@@ -133,21 +270,24 @@ async def dask_rows(client: Any, code: str, todo: list[tuple[int, dict[str, Any]
     if not todo:
         return {}
     loop = asyncio.get_running_loop()
+    topic = f"{PLUGIN_NAME}.{uuid.uuid4().hex}"  # one per call: late events hit no other map
+    rows = _Rows({position for position, _ctx in todo}, on_start, on_row)
+    relay = _Relay(loop, rows.event)
+    stop = distributed.Event(f"{topic}.stop", client=client)  # type: ignore[no-untyped-call]
 
-    def submit() -> dict[Any, list[tuple[int, dict[str, Any]]]]:
+    def submit() -> dict[Any, Todo]:
+        # subscribed before the tasks are submitted (one ordered stream): no event is missed
+        client.subscribe_topic(topic, relay)  # type: ignore[no-untyped-call]
         ready = client.run(_has_plugin, workers)
         if not ready or not all(ready.values()):
             client.register_plugin(PoolPlugin(workers))
         n_dask = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
         size = math.ceil(len(todo) / (2 * n_dask))
         parts = [todo[i:i + size] for i in range(0, len(todo), size)]
-        return {client.submit(_run_partition, code, part, respond, tuple(lib_paths), timeout,
-                              pure=False): part for part in parts}
+        return {client.submit(_run_partition, topic, code, part, respond, tuple(lib_paths),
+                              timeout, pure=False): part for part in parts}
 
-    futures = await asyncio.to_thread(submit)
-    rows: dict[int, Row] = {}
-
-    def collect() -> None:
+    def collect(futures: dict[Any, Todo]) -> None:
         for future in distributed.as_completed(list(futures)):  # type: ignore[no-untyped-call]
             if future.status == "finished":
                 done = future.result()
@@ -157,19 +297,60 @@ async def dask_rows(client: Any, code: str, todo: list[tuple[int, dict[str, Any]
                             error=f"the Dask task failed: {type(exc).__name__}: {exc}")
                         for position, _ctx in futures[future]]
             else:
-                continue  # cancelled: its rows stay cancelled
-            for row in done:
-                loop.call_soon_threadsafe(_deliver, rows, row, on_row)
+                continue  # cancelled: its rows not reported stay cancelled
+            loop.call_soon_threadsafe(rows.fill, done)
 
     try:
-        await asyncio.to_thread(collect)
-    except BaseException:
-        client.cancel(list(futures))  # type: ignore[no-untyped-call]
-        raise
-    await asyncio.sleep(0)  # let the last call_soon_threadsafe deliveries run
-    return rows
+        futures = await asyncio.to_thread(submit)
+        try:
+            await asyncio.to_thread(collect, futures)
+        except BaseException:
+            # the running tasks stop their sessions and shut their pools down
+            stop.set()  # type: ignore[no-untyped-call]
+            client.cancel(list(futures))  # type: ignore[no-untyped-call]
+            raise
+        await asyncio.sleep(0)  # let the last call_soon_threadsafe deliveries run
+    finally:
+        rows.close()
+        relay.close()
+        with contextlib.suppress(Exception):  # a closed client has nothing left to drop
+            client.unsubscribe_topic(topic)  # type: ignore[no-untyped-call]
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(client.run_on_scheduler, _forget_topic, topic)
+    return rows.rows
 
 
-def _deliver(rows: dict[int, Row], row: Row, on_row: Callable[[Row], None]) -> None:
-    rows[row.position] = row
-    on_row(row)
+# ------------------------------------------------------ clients by address
+
+_clients: dict[str, distributed.Client] = {}
+
+
+def connect(address: str) -> distributed.Client:
+    """A Client for the scheduler at ``address``, made once per address (``%%pool_map --cluster``).
+
+    It is not made the default Dask client. :func:`close_clients` closes them
+    (at ``%unload_ext pool_notebook`` and when the process exits).
+    """
+    client = _clients.get(address)
+    if client is not None and client.status == "running":
+        return client
+    if "://" not in address:
+        raise InvalidArgument(f"{address!r} is not a scheduler address: pass one such as "
+                              "tcp://host:8786")
+    try:
+        client = distributed.Client(  # type: ignore[no-untyped-call]
+            address, set_as_default=False, timeout=10)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"no Dask scheduler answered at {address} ({exc}); pass the "
+                              "address of a running scheduler") from None
+    _clients[address] = client
+    return client
+
+
+@atexit.register
+def close_clients() -> None:
+    """Close the Clients :func:`connect` made."""
+    while _clients:
+        _address, client = _clients.popitem()
+        with contextlib.suppress(Exception):  # already closed, or its scheduler is gone
+            client.close()  # type: ignore[no-untyped-call]

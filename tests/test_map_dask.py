@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
+from pool_notebook import mapping
 from pool_notebook import protocol as proto
 from pool_notebook.errors import InvalidArgument
-from pool_notebook.mapping import RESULT_COLUMNS, pool_map
+from pool_notebook.mapping import RESULT_COLUMNS, Row, pool_map
 
 distributed = pytest.importorskip("distributed")
+from pool_notebook.mapping_dask import PLUGIN_NAME, dask_rows  # noqa: E402 - needs distributed
 
 TWO_ROUNDS = ('local a = alc.llm("first " .. tostring(ctx.input))\n'
               'return alc.llm("second " .. a)')
@@ -26,6 +31,62 @@ async def slow_echo(query: proto.Query) -> str:
     """A simulated model (shipped to the Dask workers by cloudpickle): 50 ms per answer."""
     await asyncio.sleep(0.05)
     return f"<{query.prompt}>"
+
+
+@dataclasses.dataclass
+class Gate:
+    """A model (shipped to the Dask workers) that holds the query "q0" until ``opened`` exists.
+
+    If its wait is cancelled it creates ``stopped``; it gives up after two minutes
+    (answering "never opened") so a broken build fails instead of hanging.
+    """
+
+    opened: str
+    stopped: str
+
+    async def __call__(self, query: proto.Query) -> str:
+        if query.prompt != "q0":
+            return query.prompt.upper()
+        deadline = time.monotonic() + 120
+        try:
+            while not os.path.exists(self.opened):
+                if time.monotonic() > deadline:
+                    return "never opened"
+                await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            Path(self.stopped).touch()
+            raise
+        return "opened"
+
+
+GATED = 'return alc.llm("q" .. ctx.input)'
+
+
+class RecordingProgress(mapping._Progress):
+    """The map's progress bar, kept for the test to read its counts (and act on rows)."""
+
+    made: list[RecordingProgress] = []
+    on_finished: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.positions: list[int] = []
+        RecordingProgress.made.append(self)
+
+    def finished(self, row: Row) -> None:
+        super().finished(row)
+        self.positions.append(row.position)
+        if RecordingProgress.on_finished is not None:
+            RecordingProgress.on_finished(self)
+
+
+@pytest.fixture
+def bars(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[RecordingProgress]]:
+    """pool_map's progress bars, recorded."""
+    RecordingProgress.made, RecordingProgress.on_finished = [], None
+    monkeypatch.setattr(mapping, "_Progress", RecordingProgress)
+    yield RecordingProgress.made
+    RecordingProgress.on_finished = None
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +180,81 @@ def test_teardown_of_a_dask_worker_stops_its_bundled_workers(
         else:
             os.kill(pid, signal.SIGKILL)
             raise AssertionError(f"bundled worker {pid} outlived its Dask worker's pool")
+
+
+# ------------------------------------------------------------ per-row progress
+
+
+def test_rows_reach_the_driver_while_their_partition_still_runs(
+        client: distributed.Client, tmp_path: Path) -> None:
+    # 12 inputs on 2 Dask workers -> 4 partitions of 3: [0, 1, 2] is one task, and
+    # input 0 is held until rows 1 and 2 of that same task have reached the driver
+    gate = Gate(str(tmp_path / "opened"), str(tmp_path / "stopped"))
+    todo = [(i, {"input": i}) for i in range(12)]
+    started, finished, running_when_opened = [0], [], []
+
+    def on_start() -> None:
+        started[0] += 1
+
+    def on_row(row: Row) -> None:
+        finished.append(row.position)
+        if {1, 2} <= set(finished) and not running_when_opened:
+            running_when_opened.append(started[0] - len(finished))
+            Path(gate.opened).touch()
+
+    rows = asyncio.run(dask_rows(client, GATED, todo, respond=gate, lib_paths=(),
+                                 timeout=None, workers=2, on_row=on_row, on_start=on_start))
+    assert rows[0].result == "opened", "rows 1 and 2 only came with their task's result"
+    assert running_when_opened[0] >= 1  # input 0 was counted running meanwhile
+    assert finished.index(0) > max(finished.index(1), finished.index(2))
+    assert sorted(finished) == list(range(12)) and started[0] == 12  # each once
+    assert [rows[i].result for i in range(1, 12)] == [f"Q{i}" for i in range(1, 12)]
+    assert {rows[i].node for i in range(3)} == {rows[0].node}  # one task drove them
+
+
+def test_the_bar_counts_every_row_once_and_ends_with_none_running(
+        client: distributed.Client, bars: list[RecordingProgress]) -> None:
+    df = asyncio.run(pool_map('if ctx.input % 5 == 4 then error("no " .. ctx.input) end '
+                              "return ctx.input", pd.Series(range(40)), workers=2,
+                              cluster=client))
+    (bar,) = bars
+    assert (bar.done, bar.failed, bar.running) == (32, 8, 0)
+    assert sorted(bar.positions) == list(range(40))  # every row once, none twice
+    assert df["state"].tolist() == ["failed" if i % 5 == 4 else "completed"
+                                    for i in range(40)]
+    assert not [t for t in client.get_events() if t.startswith(PLUGIN_NAME + ".")], \
+        "the map's events stayed in the scheduler's log"
+
+
+def test_a_stop_keeps_the_rows_done_inside_a_running_partition(
+        client: distributed.Client, bars: list[RecordingProgress], tmp_path: Path) -> None:
+    gate = Gate(str(tmp_path / "opened"), str(tmp_path / "stopped"))  # never opened
+
+    async def stop_after_rows_one_and_two() -> pd.DataFrame:
+        task = asyncio.ensure_future(pool_map(GATED, pd.Series(range(12)), workers=2,
+                                              respond=gate, cluster=client))
+
+        def stop(bar: RecordingProgress) -> None:
+            if {1, 2} <= set(bar.positions):
+                task.cancel()
+
+        RecordingProgress.on_finished = stop
+        return await task
+
+    df = asyncio.run(stop_after_rows_one_and_two())
+    assert df.loc[0, "state"] == "cancelled"
+    assert df.loc[[1, 2], "state"].tolist() == ["completed", "completed"]
+    assert df.loc[[1, 2], "result"].tolist() == ["Q1", "Q2"]
+    assert bars[0].done == (df["state"] == "completed").sum()  # reported rows, kept
+    # the stop reached the running task: its held session was cancelled on the Dask worker
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate.stopped):
+        assert time.monotonic() < deadline, "the stopped map's task kept running"
+        time.sleep(0.05)
+
+    # the next map gets only its own rows (nothing of the stopped one reaches it)
+    RecordingProgress.on_finished = None
+    again = asyncio.run(pool_map("return ctx.input", pd.Series(range(12)), workers=2,
+                                 cluster=client))
+    assert again["result"].tolist() == list(range(12))
+    assert (bars[1].done, bars[1].failed, bars[1].running) == (12, 0, 0)
