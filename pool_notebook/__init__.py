@@ -140,3 +140,8 @@ def load_ipython_extension(ipython: InteractiveShell) -> None:
 def unload_ipython_extension(ipython: InteractiveShell) -> None:
     """``%unload_ext pool_notebook``: close our connections and write the history."""
     _manager().close_all()
+    import sys
+
+    dask_side = sys.modules.get(f"{__name__}.mapping_dask")  # only if a map used Dask
+    if dask_side is not None:
+        dask_side.close_clients()  # the Clients %%pool_map --cluster ADDRESS made

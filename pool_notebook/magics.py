@@ -438,10 +438,13 @@ class PoolMagics(Magics):
               help="the inputs: a DataFrame (row -> ctx), a Series (value -> ctx.input) or a "
               "list of dicts (a Python name or expression)")
     @argument("--out", help="store the result DataFrame in this variable (also when stopped)")
-    @argument("--workers", type=int, default=8, help="bundled workers to run at once")
+    @argument("--workers", type=int, default=8, help="bundled workers to run at once (with "
+              "--cluster: bundled workers per Dask worker process)")
     @argument("--respond", help="answers every LLM query: a Python callable f(query) -> str "
               "(sync or async), or a spec such as 'openai:MODEL' (default: "
               "%%config PoolMagics.respond)")
+    @argument("--cluster", help="run the rows as Dask tasks: the name of a distributed.Client, "
+              "or a scheduler address tcp://HOST:PORT (a Client is made once per address)")
     @argument("--strategy", help="run a strategy package: require(PKG).run(ctx)")
     @argument("--lib", action="append", default=[], help="extra Lua library path (repeatable)")
     @argument("--timeout", type=float, help="seconds one input may take")
@@ -466,12 +469,21 @@ class PoolMagics(Magics):
         inputs = self._eval(args.inputs, "--in")
         score = self._eval(args.score, "--score") if args.score else None
         resume = self._eval(args.resume, "--resume") if args.resume else None
+        cluster = None
+        if args.cluster:
+            try:
+                from .mapping_dask import cluster_client
+
+                assert self.shell is not None
+                cluster = cluster_client(args.cluster, self.shell.user_ns)
+            except (ImportError, errors.InvalidArgument) as exc:
+                raise UsageError(f"--cluster {args.cluster}: {exc}") from None
         with self._errors():
             respond = resolve_responder(self._responder(args.respond or self.respond))
         task = runner.schedule(pool_map(
             cell if not args.strategy else None, inputs, workers=args.workers, respond=respond,
             lib_paths=args.lib, timeout=self._timeout(args.timeout), score=score,
-            resume=resume, strategy=args.strategy))
+            resume=resume, strategy=args.strategy, cluster=cluster))
         try:
             df = self._run(task)
         except KeyboardInterrupt:

@@ -28,7 +28,7 @@ import dataclasses
 import math
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .errors import InvalidArgument
@@ -41,7 +41,8 @@ except ImportError as exc:  # pragma: no cover - the [dask] extra is missing
     raise ImportError("map(cluster=...) needs Dask distributed: pip install "
                       "'pool-notebook[dask]'") from exc
 
-__all__ = ["PLUGIN_NAME", "PoolPlugin", "close_clients", "connect", "dask_rows"]
+__all__ = ["PLUGIN_NAME", "PoolPlugin", "close_clients", "cluster_client", "connect",
+           "dask_rows"]
 
 #: The name the plugin is registered under on every Dask worker.
 PLUGIN_NAME = "pool_notebook.map"
@@ -325,6 +326,18 @@ async def dask_rows(client: Any, code: str, todo: Todo, *,
 _clients: dict[str, distributed.Client] = {}
 
 
+def cluster_client(spec: str, namespace: Mapping[str, Any]) -> distributed.Client:
+    """``%%pool_map --cluster SPEC``: the Client named ``spec`` in ``namespace``, or one for
+    the scheduler address ``spec`` (:func:`connect`)."""
+    value = namespace.get(spec)
+    if isinstance(value, distributed.Client):
+        return value
+    if value is not None or "://" not in spec:
+        raise InvalidArgument("pass the name of a distributed.Client or a scheduler address "
+                              "such as tcp://127.0.0.1:8786")
+    return connect(spec)
+
+
 def connect(address: str) -> distributed.Client:
     """A Client for the scheduler at ``address``, made once per address (``%%pool_map --cluster``).
 
@@ -336,13 +349,14 @@ def connect(address: str) -> distributed.Client:
         return client
     if "://" not in address:
         raise InvalidArgument(f"{address!r} is not a scheduler address: pass one such as "
-                              "tcp://host:8786")
+                              "tcp://127.0.0.1:8786")
     try:
         client = distributed.Client(  # type: ignore[no-untyped-call]
             address, set_as_default=False, timeout=10)
     except (OSError, ValueError) as exc:
-        raise InvalidArgument(f"no Dask scheduler answered at {address} ({exc}); pass the "
-                              "address of a running scheduler") from None
+        raise InvalidArgument(f"no Dask scheduler answered at {address} "
+                              f"({type(exc).__name__}); pass a running scheduler's address "
+                              "or the name of a distributed.Client") from None
     _clients[address] = client
     return client
 

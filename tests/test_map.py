@@ -445,3 +445,48 @@ def test_pool_map_magic_in_a_real_kernel_stop_then_resume(
     assert final["stdout"].strip() == "True", final
     usage = _exec(kc, "%%pool_map --in qs --strategy cot\nreturn 1")
     assert "UsageError" in usage["stdout"] and "not both" in usage["stdout"], usage
+
+
+@pytest.mark.kernel
+def test_pool_map_magic_on_a_dask_cluster_by_name_and_by_address(
+        kernel: Any) -> None:  # noqa: F811 - the fixture imported above
+    pytest.importorskip("distributed")
+    _km, kc = kernel
+    setup = _exec(kc, textwrap.dedent("""
+        import pandas as pd, pool_notebook
+        from distributed import Client, LocalCluster
+        %load_ext pool_notebook
+        qs = pd.DataFrame({"q": [f"q{i}" for i in range(16)]})
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=40)
+        dc = Client(cluster)
+        dc.wait_for_workers(2)
+    """), timeout=180)
+    assert setup["error"] is None, setup
+    try:
+        done = _exec(kc, "%%pool_map --in qs --cluster dc --workers 2 --out d\n"
+                         "return ctx.q .. '!'", timeout=180)
+        assert done["error"] is None, done
+        check = _exec(kc, "print(d.result.tolist() == [q + '!' for q in qs.q], "
+                          "d.node.nunique(), sorted(set(d.state)))")
+        assert check["stdout"].split() == ["True", "2", "['completed']"], check
+
+        by_address = _exec(kc, "%%pool_map --in qs --cluster {cluster.scheduler_address} "
+                               "--workers 2 --out e\nreturn ctx.q", timeout=180)
+        assert by_address["error"] is None, by_address
+        made = _exec(kc, "from pool_notebook import mapping_dask\n"
+                         "made = list(mapping_dask._clients.values())\n"
+                         "print(e.result.tolist() == qs.q.tolist(), len(made), made[0] is not dc)")
+        assert made["stdout"].split() == ["True", "1", "True"], made
+
+        for bad in ("bad", "qs"):
+            usage = _exec(kc, f"%%pool_map --in qs --cluster {bad}\nreturn 1")
+            assert "UsageError" in usage["stdout"], usage
+            assert (f"--cluster {bad}: pass the name of a distributed.Client or a scheduler "
+                    "address") in usage["stdout"], usage
+
+        unloaded = _exec(kc, "%unload_ext pool_notebook\n"
+                             "print(made[0].status, mapping_dask._clients, dc.status)")
+        assert unloaded["stdout"].split() == ["closed", "{}", "running"], unloaded
+    finally:
+        _exec(kc, "dc.close(); cluster.close()", timeout=60)

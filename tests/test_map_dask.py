@@ -21,7 +21,12 @@ from pool_notebook.errors import InvalidArgument
 from pool_notebook.mapping import RESULT_COLUMNS, Row, pool_map
 
 distributed = pytest.importorskip("distributed")
-from pool_notebook.mapping_dask import PLUGIN_NAME, dask_rows  # noqa: E402 - needs distributed
+from pool_notebook.mapping_dask import (  # noqa: E402 - needs distributed
+    PLUGIN_NAME,
+    close_clients,
+    cluster_client,
+    dask_rows,
+)
 
 TWO_ROUNDS = ('local a = alc.llm("first " .. tostring(ctx.input))\n'
               'return alc.llm("second " .. a)')
@@ -258,3 +263,28 @@ def test_a_stop_keeps_the_rows_done_inside_a_running_partition(
                                  cluster=client))
     assert again["result"].tolist() == list(range(12))
     assert (bars[1].done, bars[1].failed, bars[1].running) == (12, 0, 0)
+
+
+# ------------------------------------------------------- --cluster NAME|ADDRESS
+
+
+def test_cluster_client_by_name_or_address_made_once_and_closed(
+        client: distributed.Client) -> None:
+    assert cluster_client("dc", {"dc": client}) is client
+    for bad, namespace in (("bad", {}), ("qs", {"qs": [1, 2]}), ("tcp://x:1", {"tcp://x:1": 3})):
+        with pytest.raises(InvalidArgument, match=r"name of a distributed\.Client or a "
+                                                  r"scheduler address"):
+            cluster_client(bad, namespace)
+    address = client.scheduler.address
+    made = cluster_client(address, {})
+    try:
+        assert made is not client and made.scheduler.address == address
+        assert cluster_client(address, {}) is made  # cached per address
+        df = asyncio.run(pool_map("return ctx.input + 1", pd.Series(range(4)), workers=2,
+                                  cluster=made, progress=False))
+        assert df["result"].tolist() == [1, 2, 3, 4]
+    finally:
+        close_clients()
+    assert made.status == "closed"
+    assert cluster_client(address, {}) is not made  # a closed one is made again
+    close_clients()
