@@ -13,8 +13,8 @@ starts and as it ends (``Worker.log_event`` on a topic made for this map call)
 and the driver subscribes to that topic (``Client.subscribe_topic``), so the
 bar moves per row and rows done inside a partition that is later cancelled are
 kept. The task's return value only fills in the rows whose event was missed.
-Stopping the map sets a ``distributed.Event`` that the running tasks watch, so
-their sessions stop too instead of running on unseen.
+Stopping the map sets a ``distributed.Event`` that the running tasks look at
+every second, so their sessions stop too instead of running on unseen.
 
 Imported only when ``cluster=`` is given: ``distributed`` is the ``[dask]`` extra.
 """
@@ -126,8 +126,12 @@ class PoolPlugin(distributed.WorkerPlugin):
                 on_row=on_row, on_start=started))
             if stop is not None:
                 loop = asyncio.get_running_loop()
-                threading.Thread(target=_watch, args=(stop, work, loop, self._stop, pool),
-                                 name="pool_notebook.map.stop", daemon=True).start()
+                ended = threading.Event()
+                work.add_done_callback(lambda _work: ended.set())
+                threading.Thread(
+                    target=_watch, name="pool_notebook.map.stop", daemon=True,
+                    args=(stop, ended, lambda: loop.call_soon_threadsafe(self._stop, work, pool)),
+                ).start()
             rows = await work
             return [rows[position] for position, _ctx in todo]
 
@@ -140,13 +144,16 @@ class PoolPlugin(distributed.WorkerPlugin):
                 raise
 
 
-def _watch(stop: distributed.Event, work: asyncio.Future[Any],
-           loop: asyncio.AbstractEventLoop, on_stop: Callable[[asyncio.Future[Any], WorkerPool],
-                                                        None], pool: WorkerPool) -> None:
-    """Until ``work`` ends, look every second whether ``stop`` was set (its own thread)."""
-    while not work.done():
-        if stop.wait(_STOP_POLL):  # type: ignore[no-untyped-call]
-            loop.call_soon_threadsafe(on_stop, work, pool)
+def _watch(stop: distributed.Event, ended: threading.Event,
+           on_stop: Callable[[], None]) -> None:
+    """Every second until ``ended``, look whether the map was stopped (its own thread)."""
+    while not ended.wait(_STOP_POLL):
+        try:
+            stopped = stop.is_set()  # type: ignore[no-untyped-call]
+        except Exception:  # the scheduler cannot be asked: no one is left to stop this map
+            return
+        if stopped:
+            on_stop()
             return
 
 
@@ -203,7 +210,8 @@ class _Rows:
         if isinstance(msg, dict) and "start" in msg:
             self.start(msg["start"])
         elif isinstance(msg, dict) and "row" in msg:
-            self.finish(Row(**msg["row"]))
+            fields = msg["row"]
+            self.finish(Row(**{**fields, "result": _lists(fields["result"])}))
 
     def start(self, position: int) -> None:
         if self.open and position in self.positions and position not in self.started:
@@ -225,6 +233,15 @@ class _Rows:
 
     def close(self) -> None:
         self.open = False
+
+
+def _lists(value: Any) -> Any:
+    """A result as the task returns it: events come through msgpack, which makes lists tuples."""
+    if isinstance(value, (tuple, list)):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
 
 
 class _Relay:

@@ -220,13 +220,15 @@ def test_rows_reach_the_driver_while_their_partition_still_runs(
 def test_the_bar_counts_every_row_once_and_ends_with_none_running(
         client: distributed.Client, bars: list[RecordingProgress]) -> None:
     df = asyncio.run(pool_map('if ctx.input % 5 == 4 then error("no " .. ctx.input) end '
-                              "return ctx.input", pd.Series(range(40)), workers=2,
-                              cluster=client))
+                              'return {n = ctx.input, seq = {ctx.input, "x", {}}}',
+                              pd.Series(range(40)), workers=2, cluster=client))
     (bar,) = bars
     assert (bar.done, bar.failed, bar.running) == (32, 8, 0)
     assert sorted(bar.positions) == list(range(40))  # every row once, none twice
     assert df["state"].tolist() == ["failed" if i % 5 == 4 else "completed"
                                     for i in range(40)]
+    ok = df[df["state"] == "completed"]
+    assert ok["result"].tolist() == [{"n": i, "seq": [i, "x", {}]} for i in ok.index]
     assert not [t for t in client.get_events() if t.startswith(PLUGIN_NAME + ".")], \
         "the map's events stayed in the scheduler's log"
 
