@@ -23,7 +23,10 @@ when the worker answers within microseconds (``python benchmarks/bench_client.py
 --delay-us 40`` compares it with ``spin_seconds=0``). Between polls it yields
 one turn of the loop, so other tasks run meanwhile, and it polls only while it
 is the only request of any client waiting on its loop: a fan-out to many
-workers parks at once instead of being serialised behind a poller. Only public
+workers parks at once instead of being serialised behind a poller. It also
+polls only for a kind of request (``status``, ``run``, ...) whose previous reply
+came within ``spin_seconds``: polling for a reply that takes longer only burns
+the CPU the worker needs (a map runs many workers on few cores). Only public
 asyncio API is used, so uvloop works the same.
 """
 
@@ -145,6 +148,8 @@ class PoolClient:
         self._loop = asyncio.get_running_loop()
         self._conn = ClientConnection(max_line_bytes)
         self._spin = spin_seconds
+        #: Request types whose latest reply took longer than ``spin_seconds``.
+        self._slow: set[type[proto.Request]] = set()
         self._lock = asyncio.Lock()
         self._waiting: asyncio.Future[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -371,10 +376,16 @@ class PoolClient:
             if request is None:
                 return None
             self._poll()
+            kind = type(request)
             ticket.sent_ns, ticket.sent_perf = time.time_ns(), time.perf_counter()
             conn.send(request, ticket)
             await self._flush()
-            return await self._next_event()
+            event = await self._next_event(0.0 if kind in self._slow else self._spin)
+            if time.perf_counter() - ticket.sent_perf > self._spin:
+                self._slow.add(kind)
+            else:
+                self._slow.discard(kind)
+            return event
         except asyncio.CancelledError:
             if self._conn.abandon():
                 self._start_drain()
@@ -393,7 +404,7 @@ class PoolClient:
         """Send the rest of a half-written request, then read the reply it owes."""
         while self._conn.owes_reply:
             await self._flush()
-            event = await self._next_event()
+            event = await self._next_event(0.0)
             if isinstance(event, LateReplyReceived):
                 self._report(event)
 
@@ -412,12 +423,13 @@ class PoolClient:
             conn.bytes_sent(n)
             data = data[n:]
 
-    async def _next_event(self) -> Event:
-        """Read until the protocol object has an event (polling first, see the module doc)."""
+    async def _next_event(self, spin: float) -> Event:
+        """Read until the protocol object has an event, polling for up to ``spin``
+        seconds first (see the module doc)."""
         conn, loop = self._conn, self._loop
         _in_flight[loop] = _in_flight.get(loop, 0) + 1
         try:
-            spin_until = time.perf_counter() + self._spin
+            spin_until = time.perf_counter() + spin
             while True:
                 received = self._recv()  # read first: the reply is usually all there is
                 if (event := conn.next_event()) is not NEED_DATA:

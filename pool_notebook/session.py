@@ -10,6 +10,7 @@ holds no display code: views render a Session and call its methods.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
 import logging
@@ -101,19 +102,38 @@ class Session:
 
     def __init__(self, connection: Connection, first: Reply) -> None:
         self.connection = connection
-        self.steps: list[Reply] = [first]
+        self.steps: list[Reply] = []
         #: The answer sent by each ok or refused ``continue``, by its index in ``steps``.
         self.answers: dict[int, Answer] = {}
         self._answering: set[str] = set()
         self._in_flight = 0
         self._observers: list[Callable[[Session], None]] = []
+        # what the readers below need from ``steps``, kept as replies are added
+        # (a session may pause thousands of times: no reader scans them all)
+        self._id: str | None = None
+        self._feed: proto.FeedResult | None = None
+        self._pause_at = -1
+        self._pauses = 0
+        self._add(first)
+
+    def _add(self, reply: Reply) -> None:
+        """Append ``reply`` to ``steps`` and bring the summaries of them up to date."""
+        self.steps.append(reply)
+        if self._id is None:
+            self._id = reply.session_id
+        feed = reply.feed
+        if feed is not None:
+            self._feed = feed
+            if isinstance(feed, proto.Paused):
+                self._pause_at = len(self.steps) - 1
+                self._pauses += 1
 
     # ------------------------------------------------------------ reading
 
     @property
     def id(self) -> str | None:
         """The worker's session id (None if the run was refused)."""
-        return next((r.session_id for r in self.steps if r.session_id), None)
+        return self._id
 
     @property
     def code(self) -> str | None:
@@ -125,14 +145,11 @@ class Session:
     def last(self) -> Reply:
         return self.steps[-1]
 
-    def _latest_feed(self) -> proto.FeedResult | None:
-        return next((r.feed for r in reversed(self.steps) if r.feed is not None), None)
-
     @property
     def state(self) -> SessionState:
         if self._in_flight:
             return SessionState.RUNNING
-        feed = self._latest_feed()
+        feed = self._feed
         if isinstance(feed, proto.Finished):
             return SessionState(feed.state)
         if feed is None:  # the run itself was rejected
@@ -146,19 +163,17 @@ class Session:
 
     def _pause(self) -> tuple[int, list[proto.Query]]:
         """Index of the latest pause and its queries without an ok answer."""
-        for i in range(len(self.steps) - 1, -1, -1):
-            feed = self.steps[i].feed
-            if isinstance(feed, proto.Finished):
-                return -1, []
-            if isinstance(feed, proto.Paused):
-                open_ids = [q.id for q in feed.queries]
-                answered = set()
-                for reply in self.steps[i + 1:]:
-                    request = reply.request
-                    if isinstance(request, proto.Continue) and reply.ok:
-                        answered.add(request.query_id or open_ids[0])
-                return i, [q for q in feed.queries if q.id not in answered]
-        return -1, []
+        i = self._pause_at
+        if i < 0 or isinstance(self._feed, proto.Finished):
+            return -1, []
+        feed = self.steps[i].feed
+        assert isinstance(feed, proto.Paused)
+        answered = set()
+        for reply in self.steps[i + 1:]:
+            request = reply.request
+            if isinstance(request, proto.Continue) and reply.ok:
+                answered.add(request.query_id or feed.queries[0].id)
+        return i, [q for q in feed.queries if q.id not in answered]
 
     @property
     def pending(self) -> list[proto.Query]:
@@ -168,11 +183,10 @@ class Session:
     @property
     def pauses(self) -> int:
         """How many times the session has paused so far."""
-        return sum(isinstance(r.feed, proto.Paused) for r in self.steps)
+        return self._pauses
 
     def _finished(self) -> proto.Finished | None:
-        feed = self._latest_feed()
-        return feed if isinstance(feed, proto.Finished) else None
+        return self._feed if isinstance(self._feed, proto.Finished) else None
 
     @property
     def result(self) -> Any:
@@ -251,7 +265,7 @@ class Session:
                                                     usage=usage, timeout=timeout,
                                                     replayed=replayed)
             self.answers[len(self.steps)] = response
-            self.steps.append(reply)
+            self._add(reply)
         finally:
             self._in_flight -= 1
             self._answering.discard(query.id)
@@ -322,6 +336,12 @@ class Session:
     async def _answer_pause(self, responder: Responder | PauseResponder,
                             pending: list[proto.Query], limit: asyncio.Semaphore,
                             timeout: float | None) -> None:
+        if len(pending) == 1:  # the usual pause: no tasks to spread the answers over
+            query = pending[0]
+            async with limit:
+                answer = await self._consult(responder, query)
+            await self.answer(answer, query.id, timeout=timeout)
+            return
         sending: set[asyncio.Task[None]] = set()
 
         async def one(query: proto.Query) -> None:
@@ -364,11 +384,18 @@ def _required(respond: Responder | PauseResponder | str) -> Responder | PauseRes
     return responder
 
 
+@functools.lru_cache(maxsize=64)
+def _pause_aware(kind: type) -> bool:
+    """Whether responders of this class are PauseResponders (a runtime protocol
+    check walks the protocol's members: too slow for every answer of a map)."""
+    return issubclass(kind, PauseResponder)
+
+
 async def _call(responder: Responder | PauseResponder, query: proto.Query, session: Session,
                 pause: int, queries: tuple[proto.Query, ...]) -> Answer:
     """Ask the responder; sync callables run in a thread so answers overlap."""
     result: Any
-    if isinstance(responder, PauseResponder):
+    if _pause_aware(type(responder)):
         result = await responder.answer(query, session=session, pause=pause, queries=queries)
     elif inspect.iscoroutinefunction(responder) or inspect.iscoroutinefunction(
             getattr(responder, "__call__", None)):  # noqa: B004 - async __call__ objects

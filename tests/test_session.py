@@ -250,6 +250,26 @@ def test_ask_tells_a_pause_aware_responder_its_pause() -> None:
     _drive(body)
 
 
+def test_a_long_session_keeps_its_summaries_right_to_the_end() -> None:
+    """pauses, pending, id and the pause index a responder is told stay right over
+    300 pauses (they are kept as replies arrive, not rescanned: no quadratic cost)."""
+    async def body(conn: Connection) -> None:
+        session = await conn.run('local n = 0\n'
+                                 'for i = 1, 300 do n = n + #alc.llm("q" .. i) end\n'
+                                 'return n')
+        first_id = session.id
+        recorder = Recorder()
+        for i in range(1, 301):
+            assert session.pauses == i and [q.prompt for q in session.pending] == [f"q{i}"]
+            await session.ask(recorder)
+        assert session.state is SessionState.COMPLETED and session.pending == []
+        assert session.result == sum(len(f"q{i}") for i in range(1, 301))
+        assert session.id == first_id and session.pauses == 300 and len(session.steps) == 301
+        assert [pause for _prompt, pause, _ids in recorder.calls] == list(range(300))
+
+    _drive(body)
+
+
 def test_a_model_spec_string_answers_through_the_llm_layer(
         monkeypatch: pytest.MonkeyPatch) -> None:
     with FakeChatServer(delay=0.3, answer=lambda body, n: body["messages"][-1]["content"]

@@ -82,6 +82,8 @@ DEFAULT_IDLE_TIMEOUT = 1800.0
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 #: Seconds to let an interrupted Lua call wind down before exiting regardless.
 _LUA_GRACE = 0.5
+#: Seconds a session stays paused before the next session's VM is built meanwhile.
+PREWARM_PAUSED = 0.001
 
 
 def seconds(name: str, value: object, default: float, *, allow_zero: bool) -> float:
@@ -171,6 +173,7 @@ class Worker:
         self._idle_status = encode_response(self._status(False))
         self._stop: asyncio.Event | None = None
         self._last_activity = 0.0
+        self._prewarm_later: asyncio.TimerHandle | None = None
 
     async def serve(self) -> str:
         """Run until told to stop; returns why it stopped.
@@ -213,6 +216,22 @@ class Worker:
     def prewarm(self) -> None:
         """Start building the next run's Lua VM (on the factory's own thread)."""
         self._factory.prewarm(wait=False)
+
+    def prewarm_after_reply(self) -> None:
+        """Build the next VM now if the session ended; if it paused, once the pause
+        has lasted PREWARM_PAUSED seconds. A model's answer takes far longer, so the
+        build fills that wait instead of delaying the next run; an answer that comes
+        at once (a scripted responder) is not slowed by a build competing with it."""
+        if not self.paused:
+            self.prewarm()
+        elif self._prewarm_later is None:
+            self._prewarm_later = asyncio.get_running_loop().call_later(
+                PREWARM_PAUSED, self._prewarm_paused)
+
+    def _prewarm_paused(self) -> None:
+        self._prewarm_later = None
+        if self.paused and not self.lua_running:
+            self.prewarm()
 
     def interrupt(self, reason: str) -> None:
         """Stop the Lua call that is running now, if any (it ends as a failed session)."""
@@ -308,6 +327,9 @@ class Worker:
 
     async def handle_lua(self, request: Run | Continue) -> bytes:
         """Run or resume the Lua session; the encoded ``feed`` reply (or error)."""
+        if self._prewarm_later is not None:  # answered quickly: no build during the pause
+            self._prewarm_later.cancel()
+            self._prewarm_later = None
         try:
             if isinstance(request, Run):
                 session_id = new_id("s")
@@ -596,8 +618,7 @@ class _ClientConnection(asyncio.Protocol):
             reply = task.result()
         self.machine.send_reply(reply)
         self._pump()
-        if not self.worker.paused:  # the next run needs a VM; a paused one does not yet,
-            self.worker.prewarm()   # and building it would slow the continue (2 cores)
+        self.worker.prewarm_after_reply()
 
     def _flush(self) -> None:
         data = self.machine.data_to_send()
