@@ -10,13 +10,12 @@ holds no display code: views render a Session and call its methods.
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, cast, runtime_checkable
 
 from . import protocol as proto
 from ._enums import StrEnum
@@ -384,24 +383,31 @@ def _required(respond: Responder | PauseResponder | str) -> Responder | PauseRes
     return responder
 
 
-@functools.lru_cache(maxsize=64)
-def _pause_aware(kind: type) -> bool:
-    """Whether responders of this class are PauseResponders (a runtime protocol
-    check walks the protocol's members: too slow for every answer of a map)."""
-    return issubclass(kind, PauseResponder)
+def _pause_aware(responder: Any) -> TypeGuard[PauseResponder]:
+    """``isinstance(responder, PauseResponder)``, decided once per class (a runtime
+    protocol check walks the protocol's members: too slow for every answer of a map)."""
+    kind = type(responder)
+    known = _PAUSE_AWARE.get(kind)
+    if known is None:
+        known = _PAUSE_AWARE[kind] = issubclass(kind, PauseResponder)
+    return known
+
+
+#: ``_pause_aware``'s answers, one per responder class.
+_PAUSE_AWARE: dict[type, bool] = {}
 
 
 async def _call(responder: Responder | PauseResponder, query: proto.Query, session: Session,
                 pause: int, queries: tuple[proto.Query, ...]) -> Answer:
     """Ask the responder; sync callables run in a thread so answers overlap."""
     result: Any
-    if _pause_aware(type(responder)):
+    if _pause_aware(responder):
         result = await responder.answer(query, session=session, pause=pause, queries=queries)
     elif inspect.iscoroutinefunction(responder) or inspect.iscoroutinefunction(
             getattr(responder, "__call__", None)):  # noqa: B004 - async __call__ objects
-        result = await responder(query)  # type: ignore[misc]
+        result = await cast(Responder, responder)(query)  # type: ignore[misc]
     else:
-        result = await asyncio.to_thread(responder, query)
+        result = await asyncio.to_thread(cast(Responder, responder), query)
         if inspect.isawaitable(result):
             result = await result
     if isinstance(result, Answer):
