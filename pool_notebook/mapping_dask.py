@@ -293,7 +293,9 @@ async def dask_rows(client: Any, code: str, todo: Todo, *,
     relay = _Relay(loop, rows.event)
     stop = distributed.Event(f"{topic}.stop", client=client)  # type: ignore[no-untyped-call]
 
-    def submit() -> dict[Any, Todo]:
+    futures: dict[Any, Todo] = {}  # task -> its inputs
+
+    def submit() -> None:
         # subscribed before the tasks are submitted (one ordered stream): no event is missed
         client.subscribe_topic(topic, relay)  # type: ignore[no-untyped-call]
         ready = client.run(_has_plugin, workers)
@@ -301,11 +303,12 @@ async def dask_rows(client: Any, code: str, todo: Todo, *,
             client.register_plugin(PoolPlugin(workers))
         n_dask = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
         size = math.ceil(len(todo) / (2 * n_dask))
-        parts = [todo[i:i + size] for i in range(0, len(todo), size)]
-        return {client.submit(_run_partition, topic, code, part, respond, tuple(lib_paths),
-                              timeout, pure=False): part for part in parts}
+        for i in range(0, len(todo), size):
+            part = todo[i:i + size]
+            futures[client.submit(_run_partition, topic, code, part, respond,
+                                  tuple(lib_paths), timeout, pure=False)] = part
 
-    def collect(futures: dict[Any, Todo]) -> None:
+    def collect() -> None:
         for future in distributed.as_completed(list(futures)):  # type: ignore[no-untyped-call]
             if future.status == "finished":
                 done = future.result()
@@ -319,15 +322,15 @@ async def dask_rows(client: Any, code: str, todo: Todo, *,
             loop.call_soon_threadsafe(rows.fill, done)
 
     try:
-        futures = await asyncio.to_thread(submit)
-        try:
-            await asyncio.to_thread(collect, futures)
-        except BaseException:
-            # the running tasks stop their sessions and shut their pools down
-            stop.set()  # type: ignore[no-untyped-call]
-            client.cancel(list(futures))  # type: ignore[no-untyped-call]
-            raise
+        await asyncio.to_thread(submit)
+        await asyncio.to_thread(collect)
         await asyncio.sleep(0)  # let the last call_soon_threadsafe deliveries run
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # stopped (even while submitting): tasks running now or later end their sessions
+        # and shut their pools down; those not started are cancelled
+        stop.set()  # type: ignore[no-untyped-call]
+        client.cancel(list(futures))  # type: ignore[no-untyped-call]
+        raise
     finally:
         rows.close()
         relay.close()
