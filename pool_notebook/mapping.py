@@ -290,10 +290,11 @@ async def run_rows(pool: WorkerPool, code: str, todo: Iterable[tuple[int, dict[s
                    *, respond: Responder | PauseResponder | None, lib_paths: Sequence[str],
                    timeout: float | None,
                    on_row: Callable[[Row], None] | None = None,
-                   on_start: Callable[[], None] | None = None) -> dict[int, Row]:
+                   on_start: Callable[[int], None] | None = None) -> dict[int, Row]:
     """Run every ``(position, ctx)`` of ``todo`` on the pool; rows by position.
 
-    One task per connection takes the next input when its session ends.
+    One task per connection takes the next input when its session ends
+    (``on_start(position)`` is called as it takes one, ``on_row(row)`` as it ends).
     Cancelling it cancels the sessions in flight (the history marks their
     requests cancelled); the caller keeps the rows ``on_row`` already reported.
     """
@@ -331,7 +332,7 @@ async def run_rows(pool: WorkerPool, code: str, todo: Iterable[tuple[int, dict[s
             position, ctx = queue.popleft()
             row = rows[position] = Row(position)
             if on_start is not None:
-                on_start()
+                on_start(position)
             alive = await attempt(index, ctx, row)
             if on_row is not None:
                 on_row(row)
@@ -364,7 +365,7 @@ class _Progress:
                                  dynamic_ncols=True)
             self._show(0)
 
-    def started(self) -> None:
+    def started(self, _position: int | None = None) -> None:
         self.running += 1
         self._show(0)
 
@@ -463,7 +464,7 @@ async def _local_rows(code: str, todo: list[tuple[int, dict[str, Any]]],
                       workers: int | WorkerPool | Sequence[Connection],
                       respond: Responder | PauseResponder | None, lib_paths: Sequence[str],
                       timeout: float | None, on_row: Callable[[Row], None],
-                      on_start: Callable[[], None]) -> dict[int, Row]:
+                      on_start: Callable[[int], None]) -> dict[int, Row]:
     if not todo:
         return {}
     if isinstance(workers, WorkerPool):
