@@ -6,12 +6,17 @@ loopback OpenAI-compatible server (in its own process, so it does not share our
 GIL) that takes 100 ms per answer. Side by side,
 interleaved rounds: ``max_concurrency=64`` vs ``max_concurrency=1`` (the old
 one-after-another behaviour), and the same batch replayed from the answers store.
+
+Then a long session: one run that pauses 2,000 times, each answered at once by
+``answer_all``: the time per answer early (pauses 1-100) and late (1901-2000) in
+the session. Equal means the session's bookkeeping does not grow with its length.
 Run: ``python benchmarks/run.py llm``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing
 import os
 import statistics
@@ -51,6 +56,30 @@ async def _sdk_alone(responder: llm.ModelResponder) -> float:
     start = time.perf_counter()
     await asyncio.gather(*(responder(q) for q in queries))
     return time.perf_counter() - start
+
+
+LONG = 2000
+
+
+async def _long_session() -> tuple[float, float]:
+    """Median µs per answer over the first and the last 100 pauses of one session."""
+    manager = ConnectionManager(History(None))
+    conn = await manager.connect(name="llm-bench-long")
+    stamps: list[float] = []
+
+    async def instant(query: Query) -> str:
+        stamps.append(time.perf_counter())
+        return "a"
+
+    try:
+        session = await conn.run(f'for i = 1, {LONG} do alc.llm("q" .. i) end return 1')
+        await session.answer_all(instant)
+        assert session.result == 1 and len(stamps) == LONG
+    finally:
+        await conn.shutdown()
+        manager.close_all()
+    gaps = [(b - a) * 1e6 for a, b in itertools.pairwise(stamps)]
+    return statistics.median(gaps[:100]), statistics.median(gaps[-100:])
 
 
 def _serve(pipe: Any) -> None:
@@ -110,6 +139,10 @@ def main() -> None:
           f"one answer's {DELAY * 1000:.0f} ms; the server saw at most {peak} requests at once")
     print("(concurrent - SDK alone = what the session and worker add; replayed = the "
           "session, worker and store without any provider call)")
+    early, late = asyncio.run(_long_session())
+    print(f"\nlong session ({LONG} pauses, instant answers): {early:.0f} µs per answer over "
+          f"pauses 1-100, {late:.0f} µs over {LONG - 99}-{LONG} (late / early = "
+          f"{late / early:.2f}x)")
 
 
 if __name__ == "__main__":
