@@ -115,15 +115,12 @@ class PoolPlugin(distributed.WorkerPlugin):
         """
         if self._loop is None or self._lock is None:
             raise RuntimeError("PoolPlugin.run before setup (or after teardown)")
-        # run_rows takes the inputs in todo's order and calls on_start as it takes each
-        order = iter([position for position, _ctx in todo])
-        started = None if on_start is None else (lambda: on_start(next(order)))
 
         async def partition() -> list[Row]:
             pool = await self._ensure_pool()
             work = asyncio.ensure_future(run_rows(
                 pool, code, todo, respond=respond, lib_paths=lib_paths, timeout=timeout,
-                on_row=on_row, on_start=started))
+                on_row=on_row, on_start=on_start))
             if stop is not None:
                 loop = asyncio.get_running_loop()
                 ended = threading.Event()
@@ -196,7 +193,7 @@ class _Rows:
     to 0), and nothing is passed on after :meth:`close`.
     """
 
-    def __init__(self, positions: set[int], on_start: Callable[[], None] | None,
+    def __init__(self, positions: set[int], on_start: Callable[[int], None] | None,
                  on_row: Callable[[Row], None]) -> None:
         self.positions = positions
         self.rows: dict[int, Row] = {}
@@ -217,7 +214,7 @@ class _Rows:
         if self.open and position in self.positions and position not in self.started:
             self.started.add(position)
             if self._on_start is not None:
-                self._on_start()
+                self._on_start(position)
 
     def finish(self, row: Row) -> None:
         if not self.open or row.position not in self.positions or row.position in self.rows:
@@ -269,11 +266,11 @@ async def dask_rows(client: Any, code: str, todo: Todo, *,
                     respond: Responder | PauseResponder | None, lib_paths: Sequence[str],
                     timeout: float | None, workers: Any,
                     on_row: Callable[[Row], None],
-                    on_start: Callable[[], None] | None = None) -> dict[int, Row]:
+                    on_start: Callable[[int], None] | None = None) -> dict[int, Row]:
     """Run ``todo`` as Dask tasks on ``client``'s cluster; rows by position.
 
     ``workers`` is the number of bundled workers per Dask worker process.
-    ``on_start()`` and ``on_row(row)`` are called on this loop as each row starts
+    ``on_start(position)`` and ``on_row(row)`` are called on this loop as each row starts
     and ends on its Dask worker. Cancelling stops the running tasks' sessions and
     cancels the others; the rows already reported stay with ``on_row``'s caller.
     """
