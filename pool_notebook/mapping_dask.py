@@ -8,11 +8,11 @@ reused by the next ones, shut down with the Dask worker. The code, the inputs
 and the responder travel with Dask's serialisation (cloudpickle). The rows come
 back with the ``node`` (host:pid) of the Dask worker that drove them.
 
-Progress travels with Dask's structured events: each task logs every row as it
-starts and as it ends (``Worker.log_event`` on a topic made for this map call)
-and the driver subscribes to that topic (``Client.subscribe_topic``), so the
-bar moves per row and rows done inside a partition that is later cancelled are
-kept. The task's return value only fills in the rows whose event was missed.
+Progress travels with Dask's structured events: each task logs its rows as they
+start and end (``Worker.log_event`` on a topic made for this map call, gathered
+over 50 ms) and the driver subscribes to that topic (``Client.subscribe_topic``),
+so the bar moves per row and rows done inside a partition that is later
+cancelled are kept. The task's return value only fills in the rows whose event was missed.
 Stopping the map sets a ``distributed.Event`` that the running tasks look at
 every second, so their sessions stop too instead of running on unseen.
 
@@ -41,13 +41,15 @@ except ImportError as exc:  # pragma: no cover - the [dask] extra is missing
     raise ImportError("map(cluster=...) needs Dask distributed: pip install "
                       "'pool-notebook[dask]'") from exc
 
-__all__ = ["PLUGIN_NAME", "PoolPlugin", "close_clients", "cluster_client", "connect",
-           "dask_rows"]
+__all__ = ["PLUGIN_NAME", "PoolPlugin", "RowEvents", "close_clients", "cluster_client",
+           "connect", "dask_rows"]
 
 #: The name the plugin is registered under on every Dask worker.
 PLUGIN_NAME = "pool_notebook.map"
 #: How often (seconds) a running task looks whether its map was stopped.
 _STOP_POLL = 1.0
+#: How long (seconds) a task gathers row starts and ends into one Dask event.
+_FLUSH = 0.05
 
 Todo = list[tuple[int, dict[str, Any]]]
 
@@ -103,13 +105,12 @@ class PoolPlugin(distributed.WorkerPlugin):
 
     def run(self, code: str, todo: Todo, respond: Responder | PauseResponder | None,
             lib_paths: Sequence[str], timeout: float | None, *,
-            on_start: Callable[[int], None] | None = None,
-            on_row: Callable[[Row], None] | None = None,
+            report: RowEvents | None = None,
             stop: distributed.Event | None = None) -> list[Row]:
         """Run one partition on this process's pool (blocks the calling task thread).
 
-        ``on_start(position)`` / ``on_row(row)`` are called on the pool's loop
-        thread as each input starts and ends. If ``stop`` is set, the partition's
+        ``report`` hears each input start and end (on the pool's loop thread) and
+        is flushed before this returns. If ``stop`` is set, the partition's
         sessions are cancelled and the pool is shut down (the next task starts a
         fresh one), as a local map does when it is stopped.
         """
@@ -120,7 +121,8 @@ class PoolPlugin(distributed.WorkerPlugin):
             pool = await self._ensure_pool()
             work = asyncio.ensure_future(run_rows(
                 pool, code, todo, respond=respond, lib_paths=lib_paths, timeout=timeout,
-                on_row=on_row, on_start=on_start))
+                on_row=None if report is None else report.finished,
+                on_start=None if report is None else report.started))
             if stop is not None:
                 loop = asyncio.get_running_loop()
                 ended = threading.Event()
@@ -129,7 +131,11 @@ class PoolPlugin(distributed.WorkerPlugin):
                     target=_watch, name="pool_notebook.map.stop", daemon=True,
                     args=(stop, ended, lambda: loop.call_soon_threadsafe(self._stop, work, pool)),
                 ).start()
-            rows = await work
+            try:
+                rows = await work
+            finally:
+                if report is not None:
+                    report.flush()  # before the task returns: its events come first
             return [rows[position] for position, _ctx in todo]
 
         with self._lock:  # one partition at a time uses the pool's workers
@@ -154,24 +160,53 @@ def _watch(stop: distributed.Event, ended: threading.Event,
             return
 
 
+class RowEvents:
+    """One task's row starts and ends, sent to the driver as Dask events on ``topic``.
+
+    Called on the pool's loop thread. What happened within ``_FLUSH`` seconds
+    goes as one event ``{"started": [positions], "rows": [row fields]}``, so a
+    map of quick rows does not cost the scheduler two messages per row.
+    """
+
+    def __init__(self, worker: distributed.Worker, topic: str) -> None:
+        self.worker, self.topic = worker, topic
+        self._started: list[int] = []
+        self._rows: list[dict[str, Any]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def started(self, position: int) -> None:
+        self._started.append(position)
+        self._soon()
+
+    def finished(self, row: Row) -> None:
+        self._rows.append(dataclasses.asdict(row))
+        self._soon()
+
+    def _soon(self) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(_FLUSH, self.flush)
+
+    def flush(self) -> None:
+        """Send what is pending now (``Worker.log_event`` is thread-safe and ordered)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._started or self._rows:
+            self.worker.log_event(self.topic, {"started": self._started, "rows": self._rows})
+            self._started, self._rows = [], []
+
+
 def _run_partition(topic: str, code: str, todo: Todo,
                    respond: Responder | PauseResponder | None, lib_paths: Sequence[str],
                    timeout: float | None) -> list[Row]:
-    """The Dask task: this worker process's plugin runs the partition, logging each row."""
+    """The Dask task: this worker process's plugin runs the partition, reporting each row."""
     worker = distributed.get_worker()
     plugin = worker.plugins[PLUGIN_NAME]
     assert isinstance(plugin, PoolPlugin)
-
-    def started(position: int) -> None:
-        worker.log_event(topic, {"start": position})
-
-    def finished(row: Row) -> None:
-        worker.log_event(topic, {"row": dataclasses.asdict(row)})
-
     stop = distributed.Event(f"{topic}.stop",  # type: ignore[no-untyped-call]
                              client=distributed.get_client())
-    return plugin.run(code, todo, respond, lib_paths, timeout, on_start=started,
-                      on_row=finished, stop=stop)
+    return plugin.run(code, todo, respond, lib_paths, timeout, report=RowEvents(worker, topic),
+                      stop=stop)
 
 
 def _has_plugin(workers: int, dask_worker: Any = None) -> bool:
@@ -203,11 +238,10 @@ class _Rows:
         self._on_row = on_row
 
     def event(self, msg: Any) -> None:
-        """One event a task logged: ``{"start": position}`` or ``{"row": fields}``."""
-        if isinstance(msg, dict) and "start" in msg:
-            self.start(msg["start"])
-        elif isinstance(msg, dict) and "row" in msg:
-            fields = msg["row"]
+        """One event a task logged (:class:`RowEvents`): rows started, rows ended."""
+        for position in msg["started"]:
+            self.start(position)
+        for fields in msg["rows"]:
             self.finish(Row(**{**fields, "result": _lists(fields["result"])}))
 
     def start(self, position: int) -> None:
