@@ -98,6 +98,8 @@ class PoolPlugin(distributed.WorkerPlugin):
 
     def _stop(self, work: asyncio.Future[Any], pool: WorkerPool) -> None:
         """The map was stopped: cancel the partition's sessions and shut the pool down."""
+        if work.done():  # it ended meanwhile: the pool may already serve the next task
+            return
         work.cancel()
         pool.close()
         if self._pool is pool:
