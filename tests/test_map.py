@@ -449,20 +449,35 @@ def test_pool_map_magic_in_a_real_kernel_stop_then_resume(
 
 @pytest.mark.kernel
 def test_pool_map_magic_on_a_dask_cluster_by_name_and_by_address(
-        kernel: Any) -> None:  # noqa: F811 - the fixture imported above
-    pytest.importorskip("distributed")
-    _km, kc = kernel
-    setup = _exec(kc, textwrap.dedent("""
-        import pandas as pd, pool_notebook
+        kernel: Any, tmp_path: Path) -> None:  # noqa: F811 - the fixture imported above
+    distributed = pytest.importorskip("distributed")
+    km, kc = kernel
+    blocked, stopped = tmp_path / "blocked", tmp_path / "stopped"
+    setup = _exec(kc, textwrap.dedent(f"""
+        import asyncio, pandas as pd, pool_notebook
         from distributed import Client, LocalCluster
         %load_ext pool_notebook
-        qs = pd.DataFrame({"q": [f"q{i}" for i in range(16)]})
+        qs = pd.DataFrame({{"q": [f"q{{i}}" for i in range(16)]}})
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                dashboard_address=None, silence_logs=40)
         dc = Client(cluster)
         dc.wait_for_workers(2)
+
+        async def held(query):  # q0 waits for a model that never answers
+            if query.prompt != "q0":
+                return query.prompt.upper()
+            open({str(blocked)!r}, "w").close()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                open({str(stopped)!r}, "w").close()
+                raise
     """), timeout=180)
     assert setup["error"] is None, setup
+    # the stop button SIGINTs the kernel's whole process group, which kills a LocalCluster
+    # started inside the kernel (dask/distributed#1925): the stop runs on one outside it
+    outside = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=40)
     try:
         done = _exec(kc, "%%pool_map --in qs --cluster dc --workers 2 --out d\n"
                          "return ctx.q .. '!'", timeout=180)
@@ -471,22 +486,43 @@ def test_pool_map_magic_on_a_dask_cluster_by_name_and_by_address(
                           "d.node.nunique(), sorted(set(d.state)))")
         assert check["stdout"].split() == ["True", "2", "['completed']"], check
 
-        by_address = _exec(kc, "%%pool_map --in qs --cluster {cluster.scheduler_address} "
-                               "--workers 2 --out e\nreturn ctx.q", timeout=180)
-        assert by_address["error"] is None, by_address
-        made = _exec(kc, "from pool_notebook import mapping_dask\n"
-                         "made = list(mapping_dask._clients.values())\n"
-                         "print(e.result.tolist() == qs.q.tolist(), len(made), made[0] is not dc)")
-        assert made["stdout"].split() == ["True", "1", "True"], made
-
         for bad in ("bad", "qs"):
             usage = _exec(kc, f"%%pool_map --in qs --cluster {bad}\nreturn 1")
             assert "UsageError" in usage["stdout"], usage
             assert (f"--cluster {bad}: pass the name of a distributed.Client or a scheduler "
                     "address") in usage["stdout"], usage
 
+        address = outside.scheduler_address
+        running = kc.execute(f"%%pool_map --in qs --cluster {address} --workers 2 "
+                             "--respond held --out part\nreturn alc.llm(ctx.q)")
+        deadline = time.monotonic() + 120
+        while not blocked.exists():
+            assert time.monotonic() < deadline, "the map never reached q0"
+            time.sleep(0.05)
+        km.interrupt_kernel()
+        result = _collect(kc, [running], timeout=120)[running]
+        assert result["error"] is not None and "KeyboardInterrupt" in result["stdout"] + \
+            str(result["error"]), result
+        assert "rows completed (stored in part" in result["stdout"], result
+        while not stopped.exists():  # the stop reached the Dask worker's session
+            assert time.monotonic() < deadline, "q0's session went on after the stop"
+            time.sleep(0.05)
+        partial = _exec(kc, "print(part.state[0], set(part.result[part.state == 'completed'] "
+                            "== part.q[part.state == 'completed'].str.upper()) <= {True})")
+        assert partial["stdout"].split() == ["cancelled", "True"], partial
+
+        resumed = _exec(kc, f"%%pool_map --in qs --cluster {address} --workers 2 --out part "
+                            "--resume part\nreturn ctx.q:upper()", timeout=180)
+        assert resumed["error"] is None, resumed
+        made = _exec(kc, "from pool_notebook import mapping_dask\n"
+                         "made = list(mapping_dask._clients.values())\n"
+                         "print(part.result.tolist() == qs.q.str.upper().tolist(), len(made), "
+                         "made[0] is not dc, part.node.nunique())")
+        assert made["stdout"].split() == ["True", "1", "True", "2"], made
+
         unloaded = _exec(kc, "%unload_ext pool_notebook\n"
                              "print(made[0].status, mapping_dask._clients, dc.status)")
         assert unloaded["stdout"].split() == ["closed", "{}", "running"], unloaded
     finally:
         _exec(kc, "dc.close(); cluster.close()", timeout=60)
+        outside.close()
