@@ -37,6 +37,7 @@ from .session import PauseResponder, Responder
 
 try:
     import distributed
+    from distributed.comm.registry import get_backend
 except ImportError as exc:  # pragma: no cover - the [dask] extra is missing
     raise ImportError("map(cluster=...) needs Dask distributed: pip install "
                       "'pool-notebook[dask]'") from exc
@@ -403,13 +404,17 @@ def connect(address: str) -> distributed.Client:
     if "://" not in address:
         raise InvalidArgument(f"{address!r} is not a scheduler address: pass one such as "
                               "tcp://127.0.0.1:8786")
+    try:  # checked first: a Client made for an unknown scheme hangs 20 s when collected
+        get_backend(address.split("://", 1)[0])
+    except ValueError as exc:
+        raise InvalidArgument(f"{exc}; pass a scheduler address such as "
+                              "tcp://127.0.0.1:8786") from None
     try:
         client = distributed.Client(  # type: ignore[no-untyped-call]
             address, set_as_default=False, timeout=10)
-    except (OSError, ValueError) as exc:
-        raise InvalidArgument(f"no Dask scheduler answered at {address} "
-                              f"({type(exc).__name__}); pass a running scheduler's address "
-                              "or the name of a distributed.Client") from None
+    except OSError as exc:
+        raise InvalidArgument(f"no Dask scheduler there ({exc}); pass a running "
+                              "scheduler's address or the name of a distributed.Client") from None
     _clients[address] = client
     return client
 

@@ -281,6 +281,10 @@ def test_cluster_client_by_name_or_address_made_once_and_closed(
         with pytest.raises(InvalidArgument, match=r"name of a distributed\.Client or a "
                                                   r"scheduler address"):
             cluster_client(bad, namespace)
+    with pytest.raises(InvalidArgument, match=r"unknown address scheme 'foo'.*tcp://"):
+        cluster_client("foo://127.0.0.1:8786", {})
+    with pytest.raises(InvalidArgument, match=r"no Dask scheduler there \(.*127\.0\.0\.1:1"):
+        cluster_client("tcp://127.0.0.1:1", {})  # nothing listens there (Dask tries for 10 s)
     address = client.scheduler.address
     made = cluster_client(address, {})
     try:
