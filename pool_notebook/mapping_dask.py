@@ -218,7 +218,10 @@ def _has_plugin(workers: int, dask_worker: Any = None) -> bool:
 
 
 def _forget_topic(topic: str, dask_scheduler: Any = None) -> None:
-    """Drop a finished map's events from the scheduler's log (they carry its results)."""
+    """Drop a finished map's events from the scheduler's log (they carry its results).
+
+    Dask has no public call for this; the scheduler's event broker does it.
+    """
     dask_scheduler._broker.truncate(topic)
 
 
