@@ -459,7 +459,7 @@ def test_pool_map_magic_on_a_dask_cluster_by_name_and_by_address(
         %load_ext pool_notebook
         qs = pd.DataFrame({{"q": [f"q{{i}}" for i in range(16)]}})
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40)
+                               dashboard_address=":0", silence_logs=40)
         dc = Client(cluster)
         dc.wait_for_workers(2)
 
@@ -477,7 +477,7 @@ def test_pool_map_magic_on_a_dask_cluster_by_name_and_by_address(
     # the stop button SIGINTs the kernel's whole process group, which kills a LocalCluster
     # started inside the kernel (dask/distributed#1925): the stop runs on one outside it
     outside = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=40)
+                                       dashboard_address=":0", silence_logs=40)
     try:
         done = _exec(kc, "%%pool_map --in qs --cluster dc --workers 2 --out d\n"
                          "return ctx.q .. '!'", timeout=180)

@@ -103,7 +103,7 @@ def client() -> Iterator[distributed.Client]:
     os.environ["POOL_NOTEBOOK_HOME"] = str(home)  # inherited by the worker processes
     os.environ["POOL_NOTEBOOK_HISTORY"] = str(home / "history.sqlite")
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=40)
+                                       dashboard_address=":0", silence_logs=40)
     try:
         with distributed.Client(cluster) as dask_client:
             yield dask_client
