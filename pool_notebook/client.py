@@ -23,10 +23,11 @@ when the worker answers within microseconds (``python benchmarks/bench_client.py
 --delay-us 40`` compares it with ``spin_seconds=0``). Between polls it yields
 one turn of the loop, so other tasks run meanwhile, and it polls only while it
 is the only request of any client waiting on its loop: a fan-out to many
-workers parks at once instead of being serialised behind a poller. It also
-polls only for a kind of request (``status``, ``run``, ...) whose previous reply
-came within ``spin_seconds``: polling for a reply that takes longer only burns
-the CPU the worker needs (a map runs many workers on few cores). Only public
+workers parks at once instead of being serialised behind a poller. A kind of
+request (``status``, ``run``, ...) whose reply did not come within the polling
+window is then sent without polling, except every ``_REPROBE``-th time, which
+measures it again: polling for replies that take longer only burns the CPU the
+worker needs (a map runs many workers on few cores). Only public
 asyncio API is used, so uvloop works the same.
 """
 
@@ -89,6 +90,9 @@ log = logging.getLogger(__name__)
 _RECV_SIZE = 256 * 1024
 #: Default busy-poll window after a write (seconds); 0 disables polling.
 DEFAULT_SPIN_SECONDS = 200e-6
+#: A kind of request that outlasted the polling window is polled for again (and
+#: measured again) on every this-many-th request.
+_REPROBE = 16
 #: Retry pauses while a worker's listen backlog is full (seconds).
 _CONNECT_RETRY_FIRST, _CONNECT_RETRY_MAX = 0.001, 0.05
 #: ``version=AUTO_VERSION`` adopts the version a worker names in its mismatch error.
@@ -148,8 +152,9 @@ class PoolClient:
         self._loop = asyncio.get_running_loop()
         self._conn = ClientConnection(max_line_bytes)
         self._spin = spin_seconds
-        #: Request types whose latest reply took longer than ``spin_seconds``.
-        self._slow: set[type[proto.Request]] = set()
+        #: Per request type: how many were sent without polling since one outlasted
+        #: the polling window (absent or 0: poll).
+        self._unpolled: dict[type[proto.Request], int] = {}
         self._lock = asyncio.Lock()
         self._waiting: asyncio.Future[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -377,14 +382,17 @@ class PoolClient:
                 return None
             self._poll()
             kind = type(request)
+            unpolled = self._unpolled.get(kind, 0)
+            spin = self._spin if unpolled in (0, _REPROBE) else 0.0
             ticket.sent_ns, ticket.sent_perf = time.time_ns(), time.perf_counter()
             conn.send(request, ticket)
             await self._flush()
-            event = await self._next_event(0.0 if kind in self._slow else self._spin)
-            if time.perf_counter() - ticket.sent_perf > self._spin:
-                self._slow.add(kind)
+            event = await self._next_event(spin)
+            if spin:  # measured while polling: did the reply come within the window?
+                slow = time.perf_counter() - ticket.sent_perf > spin
+                self._unpolled[kind] = 1 if slow else 0
             else:
-                self._slow.discard(kind)
+                self._unpolled[kind] = min(unpolled + 1, _REPROBE)
             return event
         except asyncio.CancelledError:
             if self._conn.abandon():

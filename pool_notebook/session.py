@@ -384,13 +384,14 @@ def _required(respond: Responder | PauseResponder | str) -> Responder | PauseRes
 
 
 def _pause_aware(responder: Any) -> TypeGuard[PauseResponder]:
-    """``isinstance(responder, PauseResponder)``, decided once per class (a runtime
-    protocol check walks the protocol's members: too slow for every answer of a map)."""
+    """``isinstance(responder, PauseResponder)`` without its cost on every answer of a
+    map (a runtime protocol check walks the protocol's members): the class is checked
+    once, and an ``answer`` set on the instance itself is looked for as isinstance does."""
     kind = type(responder)
     known = _PAUSE_AWARE.get(kind)
     if known is None:
         known = _PAUSE_AWARE[kind] = issubclass(kind, PauseResponder)
-    return known
+    return known or "answer" in getattr(responder, "__dict__", ())
 
 
 #: ``_pause_aware``'s answers, one per responder class.

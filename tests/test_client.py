@@ -309,6 +309,46 @@ def test_timeout_keeps_connection_usable_and_reports_late_reply(run: Runner) -> 
     run(main())
 
 
+def test_polls_only_for_kinds_of_request_that_answer_within_the_window(run: Runner) -> None:
+    """After a write the client polls (spins) for a kind of request only while its
+    replies come within ``spin_seconds``; a kind that outlasted the window is re-measured
+    every 16th time, so one slow reply does not stop the polling for good."""
+    slow = {"status": True}
+
+    def script(req: dict) -> list | None:
+        if req["op"] == "status" and slow["status"]:
+            return [0.02, ok({"kind": "status", "has_session": False, "session_id": None})]
+        return None  # the default reply, at once (run: a pause)
+
+    async def main() -> None:
+        async with FakeWorker(script) as w, await PoolClient.connect(
+                w.sock_path, spin_seconds=0.005) as c:
+            polled: list[tuple[str, bool]] = []
+            next_event = c._next_event
+
+            async def recording(spin: float):  # type: ignore[no-untyped-def]
+                polled.append((kind, spin > 0))
+                return await next_event(spin)
+
+            c._next_event = recording  # type: ignore[method-assign]
+            kind = "status"
+            for _ in range(20):
+                await c.send_request(proto.Status())
+            assert [p for _k, p in polled] == [True] + [False] * 15 + [True] + [False] * 3
+            polled.clear()
+            kind = "run"
+            await c.send_request(proto.Run("return 1"))  # another kind: polled on its own
+            slow["status"] = False
+            kind = "status"
+            for _ in range(13):
+                await c.send_request(proto.Status())
+            # 12 more unpolled, then the re-measure (fast now): polled from there on
+            assert [p for _k, p in polled] == [True] + [False] * 12 + [True]
+            await c.send_request(proto.Status())
+            assert polled[-1] == ("status", True)
+    run(main())
+
+
 def test_new_request_times_out_clearly_while_late_reply_is_outstanding(run: Runner) -> None:
     def script(req: dict) -> list | None:
         return [HANG] if req.get("token") == "never" else None

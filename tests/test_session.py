@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,7 +23,13 @@ from pool_notebook.errors import (
     WorkerError,
 )
 from pool_notebook.history import History, Outcome, counts_from_metrics
-from pool_notebook.session import Answer, Session, SessionState, resolve_responder
+from pool_notebook.session import (
+    Answer,
+    PauseResponder,
+    Session,
+    SessionState,
+    resolve_responder,
+)
 from tests.fakes import FakeChatServer
 
 pytestmark = pytest.mark.usefixtures("pool_home")
@@ -246,6 +253,21 @@ def test_ask_tells_a_pause_aware_responder_its_pause() -> None:
         assert batch.result == "a,b,c"
         calls = batch.answers  # one answer per query, each told the whole pause
         assert len(calls) == 3 and all(a.replayed for a in calls.values())
+
+    _drive(body)
+
+
+def test_a_pause_responder_may_be_any_object_with_an_answer_method() -> None:
+    """The PauseResponder protocol is structural: an ``answer`` set on an instance
+    (a wrapper, a SimpleNamespace) is one too, as ``isinstance`` says."""
+    async def body(conn: Connection) -> None:
+        recorder = Recorder()
+        wrapper = types.SimpleNamespace(answer=recorder.answer)
+        assert isinstance(wrapper, PauseResponder) and resolve_responder(wrapper) is wrapper
+        session = await conn.run(TWO_ROUNDS, respond=wrapper)
+        assert session.result == "first+second first"
+        assert [(prompt, pause) for prompt, pause, _ids in recorder.calls] == [
+            ("first?", 0), ("second first?", 1)]
 
     _drive(body)
 
