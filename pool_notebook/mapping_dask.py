@@ -25,6 +25,7 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import logging
 import math
 import threading
 import uuid
@@ -45,10 +46,16 @@ except ImportError as exc:  # pragma: no cover - the [dask] extra is missing
 __all__ = ["PLUGIN_NAME", "PoolPlugin", "RowEvents", "close_clients", "cluster_client",
            "connect", "dask_rows"]
 
+log = logging.getLogger("pool_notebook.map")
+
 #: The name the plugin is registered under on every Dask worker.
 PLUGIN_NAME = "pool_notebook.map"
-#: How often (seconds) a running task looks whether its map was stopped.
+#: How long (seconds) one wait of a running task's stop watcher lasts (a stop itself
+#: is seen at once; the watcher notices its task ended within this time).
 _STOP_POLL = 1.0
+#: After a stop: seconds until the map's events and stop flag are dropped from the
+#: scheduler (the stopped tasks' last rows and their final flush arrive meanwhile).
+_STOP_GRACE = 2.0
 #: How long (seconds) a task gathers row starts and ends into one Dask event.
 _FLUSH = 0.05
 
@@ -142,6 +149,8 @@ class PoolPlugin(distributed.WorkerPlugin):
             return [rows[position] for position, _ctx in todo]
 
         with self._lock:  # one partition at a time uses the pool's workers
+            if stop is not None and stop.is_set():  # type: ignore[no-untyped-call]
+                return []  # stopped while this task waited its turn: run nothing
             future = asyncio.run_coroutine_threadsafe(partition(), self._loop)
             try:
                 return future.result()
@@ -152,10 +161,11 @@ class PoolPlugin(distributed.WorkerPlugin):
 
 def _watch(stop: distributed.Event, ended: threading.Event,
            on_stop: Callable[[], None]) -> None:
-    """Every second until ``ended``, look whether the map was stopped (its own thread)."""
-    while not ended.wait(_STOP_POLL):
+    """Until ``ended``, wait on the scheduler for the map's stop (its own thread): a
+    stop is seen at once; ``ended`` within ``_STOP_POLL`` seconds."""
+    while not ended.is_set():
         try:
-            stopped = stop.is_set()  # type: ignore[no-untyped-call]
+            stopped = stop.wait(timeout=_STOP_POLL)  # type: ignore[no-untyped-call]
         except Exception:  # the scheduler cannot be asked: no one is left to stop this map
             return
         if stopped:
@@ -218,11 +228,16 @@ def _has_plugin(workers: int, dask_worker: Any = None) -> bool:
 
 
 def _forget_topic(topic: str, dask_scheduler: Any = None) -> None:
-    """Drop a finished map's events from the scheduler's log (they carry its results).
+    """Drop a finished map's events from the scheduler's log (they carry its results),
+    and the topic itself once no one subscribes to it.
 
     Dask has no public call for this; the scheduler's event broker does it.
     """
-    dask_scheduler._broker.truncate(topic)
+    broker = dask_scheduler._broker
+    broker.truncate(topic)
+    known = broker._topics.get(topic)
+    if known is not None and not known.subscribers:
+        del broker._topics[topic]
 
 
 class _Rows:
@@ -331,6 +346,7 @@ async def dask_rows(client: Any, code: str, todo: Todo, *,
     stop = distributed.Event(f"{topic}.stop", client=client)  # type: ignore[no-untyped-call]
 
     futures: dict[Any, Todo] = {}  # task -> its inputs
+    stopping = threading.Event()  # set by a stop: the submitting thread submits no more
 
     def submit() -> None:
         # subscribed before the tasks are submitted (one ordered stream): no event is missed
@@ -341,9 +357,13 @@ async def dask_rows(client: Any, code: str, todo: Todo, *,
         n_dask = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
         size = math.ceil(len(todo) / (2 * n_dask))
         for i in range(0, len(todo), size):
+            if stopping.is_set():
+                break
             part = todo[i:i + size]
             futures[client.submit(_run_partition, topic, code, part, respond,
                                   tuple(lib_paths), timeout, pure=False)] = part
+        if stopping.is_set():  # stopped while submitting: cancel what went out meanwhile
+            client.cancel(list(futures))  # type: ignore[no-untyped-call]
 
     def collect() -> None:
         for future in distributed.as_completed(list(futures)):  # type: ignore[no-untyped-call]
@@ -358,24 +378,53 @@ async def dask_rows(client: Any, code: str, todo: Todo, *,
                 continue  # cancelled: its rows not reported stay cancelled
             loop.call_soon_threadsafe(rows.fill, done)
 
+    stopped = False
     try:
         await asyncio.to_thread(submit)
         await asyncio.to_thread(collect)
         await asyncio.sleep(0)  # let the last call_soon_threadsafe deliveries run
     except (asyncio.CancelledError, KeyboardInterrupt):
         # stopped (even while submitting): tasks running now or later end their sessions
-        # and shut their pools down; those not started are cancelled
-        stop.set()  # type: ignore[no-untyped-call]
-        client.cancel(list(futures))  # type: ignore[no-untyped-call]
+        # and shut their pools down; those not started are cancelled. A scheduler that
+        # is gone must not turn the stop into another error (the rows are the answer).
+        stopped = True
+        stopping.set()
+        with contextlib.suppress(Exception):
+            stop.set()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(Exception):
+            client.cancel(list(futures))  # type: ignore[no-untyped-call]
         raise
     finally:
         rows.close()
         relay.close()
         with contextlib.suppress(Exception):  # a closed client has nothing left to drop
             client.unsubscribe_topic(topic)  # type: ignore[no-untyped-call]
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(client.run_on_scheduler, _forget_topic, topic)
+        if stopped:  # the stopped tasks' last events are still on their way
+            later = threading.Timer(_STOP_GRACE, _forget, (client, topic, stop))
+            later.daemon = True
+            later.start()
+        else:
+            await asyncio.to_thread(_forget, client, topic, stop)
     return rows.rows
+
+
+def _forget(client: distributed.Client, topic: str, stop: distributed.Event) -> None:
+    """Drop a map's events, topic and stop flag from the scheduler (said once if it
+    cannot: e.g. a scheduler that refuses ``run_on_scheduler``)."""
+    global _forget_failed
+    try:
+        client.run_on_scheduler(_forget_topic, topic)  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        if not _forget_failed and client.status == "running":
+            _forget_failed = True
+            log.warning("the Dask scheduler kept this map's events (%s: %s): up to "
+                        "distributed.admin.low-level-log-length of them per map stay in its "
+                        "event log", type(exc).__name__, exc)
+    with contextlib.suppress(Exception):
+        stop.clear()  # type: ignore[no-untyped-call]
+
+
+_forget_failed = False
 
 
 # ------------------------------------------------------ clients by address
@@ -401,9 +450,13 @@ def connect(address: str) -> distributed.Client:
     It is not made the default Dask client. :func:`close_clients` closes them
     (at ``%unload_ext pool_notebook`` and when the process exits).
     """
-    client = _clients.get(address)
-    if client is not None and client.status == "running":
-        return client
+    client = _clients.pop(address, None)
+    if client is not None:
+        if client.status == "running":
+            _clients[address] = client
+            return client
+        with contextlib.suppress(Exception):  # reconnecting or broken: replaced, not leaked
+            client.close()  # type: ignore[no-untyped-call]
     if "://" not in address:
         raise InvalidArgument(f"{address!r} is not a scheduler address: pass one such as "
                               "tcp://127.0.0.1:8786")

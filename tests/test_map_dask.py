@@ -7,6 +7,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -269,6 +270,72 @@ def test_a_stop_keeps_the_rows_done_inside_a_running_partition(
                                  cluster=client))
     assert again["result"].tolist() == list(range(12))
     assert (bars[1].done, bars[1].failed, bars[1].running) == (12, 0, 0)
+
+
+@dataclasses.dataclass
+class Asked:
+    """A model (shipped to the Dask workers) that writes each prompt it is asked to ``log``."""
+
+    log: str
+
+    async def __call__(self, query: proto.Query) -> str:
+        with open(self.log, "a") as f:
+            f.write(query.prompt + "\n")
+        return query.prompt.upper()
+
+
+def _map_topics(client: distributed.Client) -> dict[str, int]:
+    return {topic: len(events) for topic, events in client.get_events().items()
+            if topic.startswith(PLUGIN_NAME + ".")}
+
+
+def test_a_stop_while_submitting_runs_nothing_more_and_the_scheduler_forgets_the_map(
+        client: distributed.Client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The stop comes while the first of four tasks is being submitted: no later task is
+    submitted, the first is cancelled (or runs nothing), no input past it is asked, and
+    the map's events and stop flag leave the scheduler."""
+    asked = tmp_path / "asked"
+    release = threading.Event()
+    submitted: list[Any] = []
+    submit = distributed.Client.submit
+
+    def held_after_the_first(self: distributed.Client, *args: Any, **kwargs: Any) -> Any:
+        future = submit(self, *args, **kwargs)
+        submitted.append(future)
+        release.wait(60)  # the submitting thread waits here until the map was stopped
+        return future
+
+    monkeypatch.setattr(distributed.Client, "submit", held_after_the_first)
+
+    async def stop_while_submitting() -> pd.DataFrame:
+        task = asyncio.ensure_future(pool_map(GATED, pd.Series(range(16)), workers=2,
+                                              respond=Asked(str(asked)), cluster=client))
+        while not submitted:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return await task
+
+    df = asyncio.run(stop_while_submitting())
+    release.set()
+    monkeypatch.undo()
+    assert len(df) == 16 and set(df.loc[4:, "state"]) == {"cancelled"}
+    assert len(submitted) == 1  # nothing was submitted after the stop
+    deadline = time.monotonic() + 60
+    while submitted[0].status == "pending":
+        assert time.monotonic() < deadline, "the first task was neither cancelled nor ended"
+        time.sleep(0.05)
+    assert submitted[0].status in ("cancelled", "finished")
+    first = {f"q{i}" for i in range(4)}  # the first task's inputs (4 tasks of 4)
+    assert set(asked.read_text().split() if asked.exists() else ()) <= first
+    deadline = time.monotonic() + 60  # the scheduler drops the map a moment after a stop
+    while _map_topics(client):
+        assert time.monotonic() < deadline, _map_topics(client)
+        time.sleep(0.1)
+    # and the next map runs normally
+    again = asyncio.run(pool_map("return ctx.input", pd.Series(range(8)), workers=2,
+                                 cluster=client))
+    assert again["result"].tolist() == list(range(8))
+    assert not _map_topics(client)
 
 
 # ------------------------------------------------------- --cluster NAME|ADDRESS
