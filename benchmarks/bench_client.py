@@ -27,7 +27,6 @@ import json
 import multiprocessing
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import uvloop
+from bench_worker import p50_p99_us
 
 from pool_notebook import PROTOCOL_VERSION, PoolClient, protocol
 
@@ -188,11 +188,6 @@ def _before_client(ref: str) -> ModuleType:
     return module
 
 
-def _p50_p99(samples: list[float]) -> tuple[float, float]:
-    s = sorted(samples)
-    return statistics.median(s) * 1e6, s[int(len(s) * 0.99)] * 1e6
-
-
 def _on(loop: str, coro: Coroutine[Any, Any, Run]) -> Run:
     return uvloop.run(coro) if loop == "uvloop" else asyncio.run(coro)
 
@@ -227,14 +222,14 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for proc in procs:
             proc.kill()
-    floor = _p50_p99(runs["blocking socket"])[0]
+    floor = p50_p99_us(runs["blocking socket"])[0]
     cpu_floor = min(cpu["blocking socket"])
     print(f"\n## client: status round trip vs a stub responder (delay {args.delay_us:g} µs, "
           f"{args.rounds}x{N} requests each, interleaved)\n")
     print("| client | p50 µs | p99 µs | p50 / blocking | client CPU µs/request | CPU / blocking |")
     print("|---|---|---|---|---|---|")
     for name, samples in runs.items():
-        p50, p99 = _p50_p99(samples)
+        p50, p99 = p50_p99_us(samples)
         used = min(cpu[name])
         print(f"| {name} | {p50:.1f} | {p99:.1f} | {p50 / floor:.2f}x | {used * 1e6:.1f} | "
               f"{used / cpu_floor:.2f}x |")
@@ -251,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
             for loop in ("asyncio", "uvloop"):
                 runner = uvloop.run if loop == "uvloop" else asyncio.run
                 single, fan = runner(_fan_out(client_class, paths, 200 * args.rounds))
-                one, all_ = _p50_p99(single)[0], _p50_p99(fan)[0]
+                one, all_ = p50_p99_us(single)[0], p50_p99_us(fan)[0]
                 print(f"| {name}, {loop} | {one:.1f} | {all_:.1f} | {all_ / one:.1f}x |")
         print(f"\n(serialised, the fan-out would cost about {FAN_OUT}x one round trip)")
     finally:

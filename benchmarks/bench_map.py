@@ -27,14 +27,14 @@ from pool_notebook.connections import manager
 from pool_notebook.history import History
 from pool_notebook.mapping import WorkerPool, pool_map
 from pool_notebook.protocol import Query
+from tests.fakes import TWO_ROUNDS
 
 INPUTS = 256
 WORKERS = 16
 ROUNDS_PER_INPUT = 2
 DELAY = 0.05
 REPEATS = 3
-CODE = ('local a = alc.llm("first " .. tostring(ctx.input))\n'
-        'return alc.llm("second " .. a)')
+CODE = TWO_ROUNDS
 
 
 async def _slow(query: Query) -> str:

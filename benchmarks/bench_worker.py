@@ -74,7 +74,8 @@ async def _one(tree: Path | None, version: str, n: int) -> tuple[float, list[flo
     return ready, rtts
 
 
-def _pct(samples: list[float]) -> tuple[float, float]:
+def p50_p99_us(samples: list[float]) -> tuple[float, float]:
+    """Median and 99th percentile of ``samples`` (seconds), in microseconds."""
     ordered = sorted(samples)
     return (statistics.median(ordered) * 1e6, ordered[int(len(ordered) * 0.99)] * 1e6)
 
@@ -95,7 +96,7 @@ async def _main(before_ref: str, rounds: int, n: int) -> None:
     print("| worker | spawn-to-ready median ms | status p50 µs | status p99 µs | req/s |")
     print("|---|---|---|---|---|")
     for name in trees:
-        p50, p99 = _pct(rtt[name])
+        p50, p99 = p50_p99_us(rtt[name])
         print(f"| {name} | {statistics.median(spawn[name]) * 1000:.0f} | {p50:.1f} | "
               f"{p99:.1f} | {1e6 / p50:,.0f} |")
     ratio = statistics.median(spawn["before"]) / statistics.median(spawn["after"])

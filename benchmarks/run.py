@@ -29,15 +29,12 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench_worker import p50_p99_us
+
 from pool_notebook.history import History
 
 N = 2000
 ROUNDS = 5
-def _pct(samples: list[float]) -> tuple[float, float]:
-    s = sorted(samples)
-    return statistics.median(s) * 1e6, s[int(len(s) * 0.99)] * 1e6
-
-
 def magics_bench() -> None:
     """Magic overhead over the bare client, what widgets cost, and 64-worker fan-out."""
     from IPython.core.interactiveshell import InteractiveShell
@@ -63,7 +60,7 @@ def magics_bench() -> None:
             t = time.perf_counter()
             ip.run_cell_magic("pool_send", "", "status")
             magic.append(time.perf_counter() - t)
-    b50, m50 = _pct(bare)[0], _pct(magic)[0]
+    b50, m50 = p50_p99_us(bare)[0], p50_p99_us(magic)[0]
     reply: Reply = ip.run_cell_magic("pool_send", "", "status")
     html_us = _timeit(lambda: reply_html(reply))
     paused = runner.run(conn.run("return alc.llm('q?')"))

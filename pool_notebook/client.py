@@ -291,9 +291,8 @@ class PoolClient:
         """Wait until every owed late reply has been read (and reported)."""
         self._conn.check_usable()
         try:
-            async with _timeout(timeout), self._lock:
-                self._conn.check_usable()
-                await self._round_trip(None, _Ticket(None))
+            async with _timeout(timeout):
+                await self._exchange(None, _Ticket(None))
         except TimeoutError:
             raise RequestTimeout("settle", timeout or 0.0, self._queue_reason()) from None
 
@@ -359,13 +358,12 @@ class PoolClient:
             raise event.error
         assert isinstance(event, HandshakeAccepted)
 
-    async def _exchange(self, request: proto.Request, ticket: _Ticket) -> Event:
-        """Wait for our turn, settle what is owed, then send ``request`` and read its reply."""
+    async def _exchange(self, request: proto.Request | None, ticket: _Ticket) -> Event | None:
+        """Wait for our turn, settle what is owed, then send ``request`` (if any) and read
+        its reply."""
         async with self._lock:
             self._conn.check_usable()
-            event = await self._round_trip(request, ticket)
-            assert event is not None
-            return event
+            return await self._round_trip(request, ticket)
 
     async def _round_trip(self, request: proto.Request | None, ticket: _Ticket) -> Event | None:
         """Settle what is owed, then send ``request`` (if any) and read its reply.
@@ -506,9 +504,7 @@ class PoolClient:
     async def _drain(self) -> None:
         """Background: read owed replies as they arrive, so they are reported promptly."""
         with contextlib.suppress(asyncio.CancelledError, PoolError):
-            async with self._lock:
-                self._conn.check_usable()
-                await self._round_trip(None, _Ticket(None))
+            await self._exchange(None, _Ticket(None))
 
     def _report(self, event: LateReplyReceived) -> None:
         ticket: _Ticket = event.context

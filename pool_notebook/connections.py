@@ -102,8 +102,7 @@ class Reply:
 
     @property
     def session_id(self) -> str | None:
-        data = self.response.data if self.response else None
-        return data.session_id if isinstance(data, (proto.FeedData, proto.StatusData)) else None
+        return _session_id(self.response)
 
     @property
     def result(self) -> Any:
@@ -131,6 +130,16 @@ def _request_size(request: proto.Request) -> int:
         return len(proto.encode_request(request))
     except MalformedRequest:
         return 0
+
+
+def _session_id(response: proto.Response | None) -> str | None:
+    data = response.data if response else None
+    return data.session_id if isinstance(data, (proto.FeedData, proto.StatusData)) else None
+
+
+def _feed_state(response: proto.Response | None) -> str | None:
+    feed = response.feed if response else None
+    return feed.state if feed is not None else None
 
 
 def _counts(request: proto.Request, response: proto.Response | None) -> Counts | None:
@@ -189,11 +198,9 @@ class Connection:
     def _record(self, request: proto.Request, sent_ns: int, latency_ms: float,
                 outcome: Outcome, response: proto.Response | None,
                 error: BaseException | None, replayed: bool | None) -> int:
-        data = response.data if response else None
-        sid = data.session_id if isinstance(data, (proto.FeedData, proto.StatusData)) else None
+        sid = _session_id(response)
         if sid is None and isinstance(request, proto.Continue):
             sid = request.sid
-        feed = response.feed if response else None
         return self.history.record(
             connection=self.name, socket=self.sock_path, worker_pid=self.pid,
             worker_version=self.version, op=request.op, session_id=sid,
@@ -204,7 +211,7 @@ class Connection:
                            else response.error if response else None),
             request_bytes=response.request_size if response else _request_size(request),
             response_bytes=response.size if response else 0,
-            feed_state=feed.state if feed is not None else None,
+            feed_state=_feed_state(response),
             counts=_counts(request, response), replayed=replayed,
         )
 
@@ -251,11 +258,10 @@ class Connection:
         if ticket.seq is None:
             ticket.late = late
             return
-        feed = late.response.feed if late.response else None
         self.history.update(
             ticket.seq, latency_ms=late.latency_ns / 1e6, outcome=Outcome.LATE_REPLY,
             response_bytes=late.response.size if late.response else 0,
-            feed_state=feed.state if feed is not None else None,
+            feed_state=_feed_state(late.response),
             error_type=type(late.error).__name__ if late.error else None,
             error_message=str(late.error) if late.error else None,
             counts=_counts(late.request, late.response),

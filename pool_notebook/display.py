@@ -339,9 +339,16 @@ def _transcript(session: Session) -> list[str]:
     return lines
 
 
-def _session_head(session: Session, word: str) -> str:
-    return (f"<b>{html.escape(session.connection.name)}</b> · session "
+def _session_head(session: Session, word: str, pending: int = 0) -> str:
+    head = (f"<b>{html.escape(session.connection.name)}</b> · session "
             f"<code>{html.escape(str(session.id))}</code> · {_badge(word)}")
+    return f"{head} ({pending} pending)" if pending else head
+
+
+def _errors_html(errors: Sequence[str]) -> str:
+    """What went wrong in the view itself (e.g. a responder that failed), in red."""
+    return "".join(f"<div class='pool-view-error' style='color:{_RED}'>{html.escape(e)}</div>"
+                   for e in errors)
 
 
 #: Keys the worker adds for a session's progress and log (reply extras and final metrics).
@@ -357,8 +364,7 @@ def _extras(reply: Reply) -> Mapping[str, Any]:
 
 def session_progress(session: Session) -> tuple[int, int, str] | None:
     """The latest ``alc.progress(step, total, message)`` the worker reported, if any."""
-    for source in (session.metrics, *(_extras(r) for r in reversed(session.steps))):
-        found = source.get(_PROGRESS)
+    for found in (session.metrics.get(_PROGRESS), session.progress):
         if isinstance(found, Mapping) and isinstance(found.get("total"), int):
             return (int(found.get("step") or 0), found["total"],
                     str(found.get("message") or ""))
@@ -429,15 +435,12 @@ def _transcript_html(session: Session) -> str:
 def session_html(session: Session, *, first_line: int = 1, errors: Sequence[str] = ()) -> str:
     """A session as static HTML: state first (red when failed), then what matters for it."""
     pending = session.pending
-    word = str(session.state)
-    parts = [f"<div class='pool-session'>{_session_head(session, word)}"]
-    if pending:
-        parts.append(f" ({len(pending)} pending)")
-        parts.extend(_query_html(q) for q in pending)
+    head = _session_head(session, str(session.state), len(pending))
+    parts = [f"<div class='pool-session'>{head}"]
+    parts.extend(_query_html(q) for q in pending)
     parts.append(_session_outcome_html(session, first_line))
     parts.append(_transcript_html(session))
-    parts.extend(f"<div class='pool-view-error' style='color:{_RED}'>{html.escape(e)}</div>"
-                 for e in errors)
+    parts.append(_errors_html(errors))
     return "".join(parts) + "</div>"
 
 
@@ -546,8 +549,7 @@ class SessionView:
                 self._unobserve()  # nothing will change any more
                 self._unobserve = None
             return
-        head: list[Any] = [widgets.HTML(
-            f"{_session_head(session, str(session.state))} ({len(pending)} pending)")]
+        head: list[Any] = [widgets.HTML(_session_head(session, str(session.state), len(pending)))]
         if self.responder is not None:
             if self._ask_all is None:
                 self._ask_all = self._button(f"ask {responder_label(self.responder)} for all",
@@ -556,9 +558,8 @@ class SessionView:
         self._rows = {q.id: self._rows.get(q.id) or self._row(q) for q in pending}
         self._box.children = [
             widgets.HBox(head), *(row.box for row in self._rows.values()),
-            widgets.HTML(_activity_html(session) + _transcript_html(session) + "".join(
-                f"<div class='pool-view-error' style='color:{_RED}'>{html.escape(e)}</div>"
-                for e in self.errors))]
+            widgets.HTML(_activity_html(session) + _transcript_html(session)
+                         + _errors_html(self.errors))]
 
     def _button(self, label: str, css: str, click: Callable[[Any], None]) -> Any:
         import ipywidgets as widgets
@@ -695,8 +696,7 @@ def history_figure(df: pd.DataFrame) -> Figure:
     ticks = [1.0 / (1.0 - p) for p in _PERCENTILES]
     ax_pct.xaxis.set_major_locator(FixedLocator(ticks))
     ax_pct.xaxis.set_minor_locator(NullLocator())
-    ax_pct.xaxis.set_major_formatter(FuncFormatter(
-        lambda x, _pos: f"p{100 * (1 - 1 / x):.4g}" if x > 1 else "min"))
+    ax_pct.xaxis.set_major_formatter(_percentile_formatter(4))
     ax_pct.set_xlim(1, ticks[-1] * 1.3)
     plain = FuncFormatter(lambda y, _pos: f"{y:g}")  # 0.1, 1, 10 ms: no 10^x, no 4x10^0
     for ax in (ax_time, ax_pct):
@@ -787,7 +787,7 @@ def map_figure(maps: Mapping[str, pd.DataFrame] | pd.DataFrame) -> Figure:
             ax_pct.plot(xs, ys, color=f"C{i % 10}", lw=1.6, label=name)
     ax_pct.set(title="latency of completed rows", xlabel="percentile",
                ylabel="latency (ms, log)", xscale="log", yscale="log")
-    ax_pct.xaxis.set_major_formatter(_percentile_formatter())
+    ax_pct.xaxis.set_major_formatter(_percentile_formatter(3))
     if names and any(not math.isnan(summaries[n].get("score_mean", math.nan)) for n in names):
         means = [float(summaries[n].get("score_mean", math.nan)) for n in names]
         lows = [m - float(summaries[n].get("score_ci_low", math.nan))
@@ -809,7 +809,8 @@ def map_figure(maps: Mapping[str, pd.DataFrame] | pd.DataFrame) -> Figure:
     return fig
 
 
-def _percentile_formatter() -> Any:
+def _percentile_formatter(digits: int) -> Any:
+    """Tick labels for a percentile axis placed at 1 / (1 - p): p50, p99.9, ..."""
     from matplotlib.ticker import FuncFormatter
 
-    return FuncFormatter(lambda x, _pos: f"p{100 * (1 - 1 / x):.3g}" if x > 1 else "min")
+    return FuncFormatter(lambda x, _pos: f"p{100 * (1 - 1 / x):.{digits}g}" if x > 1 else "min")

@@ -69,7 +69,7 @@ def _parse(magic: Any, line: str) -> Any:
 
 
 #: The magic that helps with each library error (most specific first).
-_HINTS: tuple[tuple[type[errors.PoolError], str], ...] = (
+_HINTS: tuple[tuple[type[errors.PoolError] | tuple[type[errors.PoolError], ...], str], ...] = (
     (errors.ConnectTimeout, "the worker did not accept in time: %pool_connect ... --timeout "
      "SECONDS, or %config PoolMagics.handshake_timeout = SECONDS"),
     (errors.HandshakeTimeout, "%pool_connect ... --timeout SECONDS waits longer; "
@@ -89,10 +89,8 @@ _HINTS: tuple[tuple[type[errors.PoolError], str], ...] = (
      "the responder and run `await session.answer_all(respond)`"),
     (errors.RequestTimeout, "the connection stays usable; --timeout SECONDS or "
      "%config PoolMagics.request_timeout = SECONDS allows longer requests"),
-    (errors.ConnectionBroken, "%pool_disconnect it, then %pool_connect --sid SID picks up "
-     "a paused session (%pool_workers lists sids)"),
-    (errors.TransportError, "%pool_disconnect it, then %pool_connect --sid SID picks up "
-     "a paused session (%pool_workers lists sids)"),
+    ((errors.ConnectionBroken, errors.TransportError), "%pool_disconnect it, then "
+     "%pool_connect --sid SID picks up a paused session (%pool_workers lists sids)"),
     (errors.ClientClosed, "%pool_connect opens a new connection"),
     (errors.MalformedRequest, "a request is a bare op (status, shutdown) or one JSON "
      "object; %pool_send? shows the options"),
@@ -286,8 +284,7 @@ class PoolMagics(Magics):
             raise UsageError("%%pool_run needs Lua code in the cell body")
         conn = self._conn(args.to)
         ctx = self._eval(args.ctx, "--ctx") if args.ctx else None
-        with self._errors():  # an unknown spec fails before anything runs
-            respond = resolve_responder(self._responder(args.respond or self.respond))
+        respond = self._responder(args.respond)
         timeout = self._timeout(args.timeout)
         session: Session = self._run(conn.run(cell, ctx=ctx, lib_paths=args.lib,
                                               timeout=timeout))
@@ -308,25 +305,28 @@ class PoolMagics(Magics):
                 progress.done(session)
         return view
 
-    def _responder(self, spec: str) -> Any:
-        """``--respond``: a Python expression naming a callable, else a spec string.
+    def _responder(self, option: str | None) -> Any:
+        """``--respond`` (default ``PoolMagics.respond``), resolved before anything runs.
 
-        Text that is not Python (``openai:gpt-4o-mini``) goes to the library
-        unchanged, which resolves it or says which specs it knows.
+        A Python expression naming a callable, else a spec string: text that is
+        not Python (``openai:gpt-4o-mini``) goes to the library unchanged, which
+        resolves it or says which specs it knows.
         """
+        spec = option or self.respond
         if not spec:
             return None
         assert self.shell is not None
         try:
             value = self.shell.ev(spec)
         except SyntaxError:
-            return spec
+            value = spec
         except Exception as exc:
             raise UsageError(f"--respond {spec!r} failed: {type(exc).__name__}: {exc}") from None
         if not callable(value) and not isinstance(value, str):
             raise UsageError(f"--respond {spec} is not callable (or a spec such as "
                              "'openai:MODEL')")
-        return value
+        with self._errors():  # an unknown spec fails here
+            return resolve_responder(value)
 
     def _eval(self, expr: str, option: str) -> Any:
         assert self.shell is not None
@@ -478,8 +478,7 @@ class PoolMagics(Magics):
                 cluster = cluster_client(args.cluster, self.shell.user_ns)
             except (ImportError, errors.InvalidArgument) as exc:
                 raise UsageError(f"--cluster {args.cluster}: {exc}") from None
-        with self._errors():
-            respond = resolve_responder(self._responder(args.respond or self.respond))
+        respond = self._responder(args.respond)
         task = runner.schedule(pool_map(
             cell if not args.strategy else None, inputs, workers=args.workers, respond=respond,
             lib_paths=args.lib, timeout=self._timeout(args.timeout), score=score,

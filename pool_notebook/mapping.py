@@ -30,7 +30,6 @@ from typing import Any
 
 import pandas as pd
 
-from ._version import PROTOCOL_VERSION
 from .connections import Connection, ConnectionState
 from .errors import (
     ClientClosed,
@@ -176,7 +175,7 @@ class WorkerPool:
             from .connections import manager
 
             history = manager.history
-        options: dict[str, Any] = {"version": PROTOCOL_VERSION}
+        options: dict[str, Any] = {}  # connect's defaults, kept for respawns
         tasks = [asyncio.ensure_future(spawn_and_connect(command, **options))
                  for _ in range(workers)]
         try:
@@ -243,14 +242,14 @@ def _terminate(pid: int) -> None:
 
 async def _run_one(conn: Connection, code: str, ctx: dict[str, Any], *,
                    respond: Responder | PauseResponder | None, lib_paths: Sequence[str],
-                   timeout: float | None, row: Row) -> bool:
+                   timeout: float | None, row: Row, node: str) -> bool:
     """Run one input on ``conn``, filling ``row``; True if the worker must be replaced.
 
     Raises ``_WorkerLost`` if the connection broke (the caller retries elsewhere).
     """
     loop = asyncio.get_running_loop()
     start = loop.time()
-    row.worker, row.node = conn.worker_sid, node_name()
+    row.worker, row.node = conn.worker_sid, node
     session: Session | None = None
 
     async def drive() -> Session:
@@ -280,7 +279,7 @@ async def _run_one(conn: Connection, code: str, ctx: dict[str, Any], *,
     if session.state is SessionState.PAUSED:
         row.state, row.error = "failed", _UNANSWERED
         return True
-    row.state = "completed" if session.state is SessionState.COMPLETED else str(session.state)
+    row.state = str(session.state)
     row.result = session.result
     row.error = session.error
     return False
@@ -299,6 +298,7 @@ async def run_rows(pool: WorkerPool, code: str, todo: Iterable[tuple[int, dict[s
     requests cancelled); the caller keeps the rows ``on_row`` already reported.
     """
     queue = deque(todo)
+    node = node_name()
     rows: dict[int, Row] = {}
 
     async def attempt(index: int, ctx: dict[str, Any], row: Row) -> bool:
@@ -310,7 +310,8 @@ async def run_rows(pool: WorkerPool, code: str, todo: Iterable[tuple[int, dict[s
             lost = False
             try:
                 replace = await _run_one(pool.connections[index], code, ctx, respond=respond,
-                                         lib_paths=lib_paths, timeout=timeout, row=row)
+                                         lib_paths=lib_paths, timeout=timeout, row=row,
+                                         node=node)
             except _WorkerLost as exc:
                 lost = replace = True
                 row.state = "failed"

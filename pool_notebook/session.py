@@ -113,6 +113,7 @@ class Session:
         self._feed: proto.FeedResult | None = None
         self._pause_at = -1
         self._pauses = 0
+        self._progress: Mapping[str, Any] | None = None
         self._add(first)
 
     def _add(self, reply: Reply) -> None:
@@ -126,6 +127,10 @@ class Session:
             if isinstance(feed, proto.Paused):
                 self._pause_at = len(self.steps) - 1
                 self._pauses += 1
+        extra = getattr(reply.response.data, "extra", None) if reply.response else None
+        progress = extra.get("progress") if isinstance(extra, Mapping) else None
+        if isinstance(progress, Mapping) and isinstance(progress.get("total"), int):
+            self._progress = progress
 
     # ------------------------------------------------------------ reading
 
@@ -178,6 +183,11 @@ class Session:
     def pending(self) -> list[proto.Query]:
         """Queries of the latest pause with no answer yet (answers in flight excluded)."""
         return [q for q in self._pause()[1] if q.id not in self._answering]
+
+    @property
+    def progress(self) -> Mapping[str, Any] | None:
+        """The latest ``alc.progress`` a pause reported (``{step, total, message}``)."""
+        return self._progress
 
     @property
     def pauses(self) -> int:
@@ -301,8 +311,7 @@ class Session:
     async def _consult(self, responder: Responder | PauseResponder,
                        query: proto.Query) -> Answer:
         """The responder's answer to ``query`` of the latest pause, errors typed."""
-        pause_index = self._pause()[0]
-        feed = self.steps[pause_index].feed
+        feed = self.steps[self._pause_at].feed
         assert isinstance(feed, proto.Paused)
         try:
             return await _call(responder, query, self, self.pauses - 1, feed.queries)

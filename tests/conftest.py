@@ -193,3 +193,22 @@ def run(request: pytest.FixtureRequest) -> Callable[[Any], Any]:
         uvloop = pytest.importorskip("uvloop")
         return lambda coro: _run_on(uvloop.new_event_loop, coro)
     return lambda coro: _run_on(asyncio.new_event_loop, coro)
+
+
+@pytest.fixture
+def kernel(pool_home: Path) -> Iterator[Any]:
+    """A real ipykernel with the widgets on, as JupyterLab starts it: (manager, client)."""
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env={**os.environ, "POOL_NOTEBOOK_WIDGETS": "1"})
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    try:
+        yield km, kc
+    finally:
+        kc.execute("%pool_disconnect --all --shutdown", store_history=False)
+        time.sleep(0.5)
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

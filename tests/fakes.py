@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -20,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from pool_notebook import PROTOCOL_VERSION
+from pool_notebook.registry import pid_alive
+from pool_notebook.spawn import reap_children
 
 
 @dataclass
@@ -142,6 +145,29 @@ class FakeWorker:
                 writer.write(step)
                 await writer.drain()
         return True
+
+
+#: A map's two model rounds per input: the second prompt carries the first answer.
+TWO_ROUNDS = ('local a = alc.llm("first " .. tostring(ctx.input))\n'
+              'return alc.llm("second " .. a)')
+
+
+async def slow_echo(query: Any) -> str:
+    """A simulated model, 50 ms per answer (Dask ships it to its workers by reference)."""
+    await asyncio.sleep(0.05)
+    return f"<{query.prompt}>"
+
+
+def wait_dead(pid: int, timeout: float = 10.0) -> bool:
+    """Wait until process ``pid`` is gone (our exited children reaped, zombies count as
+    gone); False if it still runs after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reap_children()
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def run(coro: Any) -> Any:
@@ -283,3 +309,37 @@ def _chat_handler(server: FakeChatServer) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
+
+
+def kernel_outputs(kc: Any, msg_ids: list[str], timeout: float = 60) -> dict[str, dict[str, Any]]:
+    """A real kernel's outputs per executed cell (``msg_id``), until every cell went idle."""
+    results = {m: {"stdout": "", "data": [], "error": None, "status": None} for m in msg_ids}
+    pending = set(msg_ids)
+    deadline = time.monotonic() + timeout
+    while pending:
+        try:
+            msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(
+                f"kernel stopped answering; cells never finished: {pending}") from None
+        parent = msg["parent_header"].get("msg_id")
+        if parent not in results:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        r = results[parent]
+        if kind == "stream":
+            r["stdout"] += content["text"]
+        elif kind in ("execute_result", "display_data"):
+            r["data"].append(content["data"])
+        elif kind == "error":
+            r["error"] = f"{content['ename']}: {content['evalue']}"
+            r["traceback"] = content["traceback"]
+        elif kind == "status" and content["execution_state"] == "idle":
+            pending.discard(parent)
+    return results
+
+
+def run_cell(kc: Any, code: str, timeout: float = 60) -> dict[str, Any]:
+    """Execute ``code`` in the kernel client ``kc``; its outputs (:func:`kernel_outputs`)."""
+    msg_id = kc.execute(code)
+    return kernel_outputs(kc, [msg_id], timeout)[msg_id]

@@ -31,22 +31,10 @@ from pool_notebook.mapping import (
     pool_map,
     strategy_code,
 )
-from tests.fakes import FakeChatServer
-from tests.test_kernel import _collect, _exec, kernel  # noqa: F401 - the fixture
+from tests.fakes import TWO_ROUNDS, FakeChatServer, kernel_outputs, run_cell, slow_echo, wait_dead
 
 CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus"
 BUNDLED = CORPUS / "algocline-bundled-packages"
-
-#: Two model rounds per input: the second prompt carries the first answer.
-TWO_ROUNDS = ('local a = alc.llm("first " .. tostring(ctx.input))\n'
-              'return alc.llm("second " .. a)')
-
-
-async def slow_echo(query: proto.Query) -> str:
-    """A simulated model: 50 ms per answer."""
-    await asyncio.sleep(0.05)
-    return f"<{query.prompt}>"
-
 
 @pytest.fixture
 def history(pool_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[History]:
@@ -54,23 +42,6 @@ def history(pool_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Histor
     fresh = History(None)
     monkeypatch.setattr(manager, "history", fresh)
     yield fresh
-
-
-def _alive(pid: int) -> bool:
-    """Is ``pid`` a running (not zombie) process?"""
-    spawn.reap_children()
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in status
-
-
-def _wait_gone(pid: int) -> None:
-    for child in list(spawn._children):
-        if child.pid == pid:
-            child.wait(30)
-    assert not _alive(pid)
 
 
 # ------------------------------------------------------------- the main run
@@ -198,7 +169,7 @@ def test_a_killed_worker_is_replaced_and_its_input_retried_once(history: History
     df, pool, killed = asyncio.run(main())
     assert len(killed) == 3  # q 3 once; q 6 on the first try and on its retry
     for pid in killed:
-        _wait_gone(pid)
+        assert wait_dead(pid, 30)
     assert df.loc[3, "state"] == "completed" and df.loc[3, "result"] == "q 3!"
     assert df.loc[6, "state"] == "failed"
     assert "died while running this input" in df.loc[6, "error"]
@@ -396,10 +367,10 @@ def test_real_cot_and_sc_packages_mapped_with_strategy(history: History) -> None
 
 @pytest.mark.kernel
 def test_pool_map_magic_in_a_real_kernel_stop_then_resume(
-        kernel: Any, tmp_path: Path) -> None:  # noqa: F811 - the fixture imported above
+        kernel: Any, tmp_path: Path) -> None:
     km, kc = kernel
     blocked = tmp_path / "blocked"
-    setup = _exec(kc, textwrap.dedent(f"""
+    setup = run_cell(kc, textwrap.dedent(f"""
         import asyncio, pandas as pd, pool_notebook
         %load_ext pool_notebook
         qs = pd.DataFrame({{"q": [f"q{{i}}" for i in range(10)]}})
@@ -415,10 +386,10 @@ def test_pool_map_magic_in_a_real_kernel_stop_then_resume(
             return query.prompt.upper()
     """))
     assert setup["error"] is None, setup
-    done = _exec(kc, "%%pool_map --in qs --workers 3 --respond upper --out first --plot\n"
+    done = run_cell(kc, "%%pool_map --in qs --workers 3 --respond upper --out first --plot\n"
                      "return alc.llm(ctx.q)")
     assert done["error"] is None, done
-    check = _exec(kc, "runs = pool_notebook.history().query('op == \"run\"')\n"
+    check = run_cell(kc, "runs = pool_notebook.history().query('op == \"run\"')\n"
                       "print(first.result.tolist() == [q.upper() for q in qs.q], "
                       "first.worker.nunique(), len(runs))")
     assert check["stdout"].split() == ["True", "3", "10"], check
@@ -432,28 +403,28 @@ def test_pool_map_magic_in_a_real_kernel_stop_then_resume(
         assert time.monotonic() < deadline, "the map never reached the blocking inputs"
         time.sleep(0.05)
     km.interrupt_kernel()
-    result = _collect(kc, [stopped])[stopped]
+    result = kernel_outputs(kc, [stopped])[stopped]
     assert result["error"] is not None and "KeyboardInterrupt" in result["error"]
     assert "4 of 10 rows completed (stored in part" in result["stdout"], result
-    states = _exec(kc, "print(part.state.tolist().count('completed'), "
+    states = run_cell(kc, "print(part.state.tolist().count('completed'), "
                        "part.state.tolist().count('cancelled'))")
     assert states["stdout"].split() == ["4", "6"], states
-    resumed = _exec(kc, "%%pool_map --in qs --workers 2 --respond upper --out part "
+    resumed = run_cell(kc, "%%pool_map --in qs --workers 2 --respond upper --out part "
                         "--resume part\nreturn alc.llm(ctx.q)\n")
     assert resumed["error"] is None, resumed
-    final = _exec(kc, "print(part.result.tolist() == [q.upper() for q in qs.q])")
+    final = run_cell(kc, "print(part.result.tolist() == [q.upper() for q in qs.q])")
     assert final["stdout"].strip() == "True", final
-    usage = _exec(kc, "%%pool_map --in qs --strategy cot\nreturn 1")
+    usage = run_cell(kc, "%%pool_map --in qs --strategy cot\nreturn 1")
     assert "UsageError" in usage["stdout"] and "not both" in usage["stdout"], usage
 
 
 @pytest.mark.kernel
 def test_pool_map_magic_on_a_dask_cluster_by_name_and_by_address(
-        kernel: Any, tmp_path: Path) -> None:  # noqa: F811 - the fixture imported above
+        kernel: Any, tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
     km, kc = kernel
     blocked, stopped = tmp_path / "blocked", tmp_path / "stopped"
-    setup = _exec(kc, textwrap.dedent(f"""
+    setup = run_cell(kc, textwrap.dedent(f"""
         import asyncio, pandas as pd, pool_notebook
         from distributed import Client, LocalCluster
         %load_ext pool_notebook
@@ -479,15 +450,15 @@ def test_pool_map_magic_on_a_dask_cluster_by_name_and_by_address(
     outside = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                        dashboard_address=":0", silence_logs=40)
     try:
-        done = _exec(kc, "%%pool_map --in qs --cluster dc --workers 2 --out d\n"
+        done = run_cell(kc, "%%pool_map --in qs --cluster dc --workers 2 --out d\n"
                          "return ctx.q .. '!'", timeout=180)
         assert done["error"] is None, done
-        check = _exec(kc, "print(d.result.tolist() == [q + '!' for q in qs.q], "
+        check = run_cell(kc, "print(d.result.tolist() == [q + '!' for q in qs.q], "
                           "d.node.nunique(), sorted(set(d.state)))")
         assert check["stdout"].split() == ["True", "2", "['completed']"], check
 
         for bad in ("bad", "qs"):
-            usage = _exec(kc, f"%%pool_map --in qs --cluster {bad}\nreturn 1")
+            usage = run_cell(kc, f"%%pool_map --in qs --cluster {bad}\nreturn 1")
             assert "UsageError" in usage["stdout"], usage
             assert (f"--cluster {bad}: pass the name of a distributed.Client or a scheduler "
                     "address") in usage["stdout"], usage
@@ -500,29 +471,29 @@ def test_pool_map_magic_on_a_dask_cluster_by_name_and_by_address(
             assert time.monotonic() < deadline, "the map never reached q0"
             time.sleep(0.05)
         km.interrupt_kernel()
-        result = _collect(kc, [running], timeout=120)[running]
+        result = kernel_outputs(kc, [running], timeout=120)[running]
         assert result["error"] is not None and "KeyboardInterrupt" in result["stdout"] + \
             str(result["error"]), result
         assert "rows completed (stored in part" in result["stdout"], result
         while not stopped.exists():  # the stop reached the Dask worker's session
             assert time.monotonic() < deadline, "q0's session went on after the stop"
             time.sleep(0.05)
-        partial = _exec(kc, "print(part.state[0], set(part.result[part.state == 'completed'] "
+        partial = run_cell(kc, "print(part.state[0], set(part.result[part.state == 'completed'] "
                             "== part.q[part.state == 'completed'].str.upper()) <= {True})")
         assert partial["stdout"].split() == ["cancelled", "True"], partial
 
-        resumed = _exec(kc, f"%%pool_map --in qs --cluster {address} --workers 2 --out part "
+        resumed = run_cell(kc, f"%%pool_map --in qs --cluster {address} --workers 2 --out part "
                             "--resume part\nreturn ctx.q:upper()", timeout=180)
         assert resumed["error"] is None, resumed
-        made = _exec(kc, "from pool_notebook import mapping_dask\n"
+        made = run_cell(kc, "from pool_notebook import mapping_dask\n"
                          "made = list(mapping_dask._clients.values())\n"
                          "print(part.result.tolist() == qs.q.str.upper().tolist(), len(made), "
                          "made[0] is not dc, part.node.nunique())")
         assert made["stdout"].split() == ["True", "1", "True", "2"], made
 
-        unloaded = _exec(kc, "%unload_ext pool_notebook\n"
+        unloaded = run_cell(kc, "%unload_ext pool_notebook\n"
                              "print(made[0].status, mapping_dask._clients, dc.status)")
         assert unloaded["stdout"].split() == ["closed", "{}", "running"], unloaded
     finally:
-        _exec(kc, "dc.close(); cluster.close()", timeout=60)
+        run_cell(kc, "dc.close(); cluster.close()", timeout=60)
         outside.close()

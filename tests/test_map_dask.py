@@ -20,6 +20,8 @@ from pool_notebook import mapping
 from pool_notebook import protocol as proto
 from pool_notebook.errors import InvalidArgument
 from pool_notebook.mapping import RESULT_COLUMNS, Row, pool_map
+from pool_notebook.registry import pid_alive
+from tests.fakes import TWO_ROUNDS, slow_echo, wait_dead
 
 distributed = pytest.importorskip("distributed")
 from pool_notebook.mapping_dask import (  # noqa: E402 - needs distributed
@@ -28,15 +30,6 @@ from pool_notebook.mapping_dask import (  # noqa: E402 - needs distributed
     cluster_client,
     dask_rows,
 )
-
-TWO_ROUNDS = ('local a = alc.llm("first " .. tostring(ctx.input))\n'
-              'return alc.llm("second " .. a)')
-
-
-async def slow_echo(query: proto.Query) -> str:
-    """A simulated model (shipped to the Dask workers by cloudpickle): 50 ms per answer."""
-    await asyncio.sleep(0.05)
-    return f"<{query.prompt}>"
 
 
 @dataclasses.dataclass
@@ -129,14 +122,6 @@ def _bundled_worker_pids(client: distributed.Client) -> dict[str, list[int]]:
     return result
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return Path(f"/proc/{pid}/status").read_text().count("State:\tZ") == 1
-
-
 def test_the_same_map_on_two_dask_worker_processes(client: distributed.Client) -> None:
     inputs = pd.Series(range(64), index=[f"q{i}" for i in range(64)], name="n")
     df = asyncio.run(pool_map(TWO_ROUNDS, inputs, workers=4, respond=slow_echo,
@@ -176,14 +161,10 @@ def test_teardown_of_a_dask_worker_stops_its_bundled_workers(
     asyncio.run(pool_map("return 1", pd.Series(range(8)), workers=4, cluster=client,
                          progress=False))
     pids = [pid for pool in _bundled_worker_pids(client).values() for pid in pool]
-    assert pids and not any(_gone(p) for p in pids)
+    assert pids and all(pid_alive(p) for p in pids)
     client.unregister_worker_plugin("pool_notebook.map")  # teardown, as on worker close
     for pid in pids:
-        for _ in range(200):
-            if _gone(pid):
-                break
-            asyncio.run(asyncio.sleep(0.05))
-        else:
+        if not wait_dead(pid):
             os.kill(pid, signal.SIGKILL)
             raise AssertionError(f"bundled worker {pid} outlived its Dask worker's pool")
 

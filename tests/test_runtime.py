@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,7 @@ MiB = 2**20
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
 
 
-@pytest.fixture(autouse=True)
-def _home(pool_home: Path) -> Iterator[None]:  # stores (alc.state, cards) go to a temp home
-    yield
+pytestmark = pytest.mark.usefixtures("pool_home")  # stores (alc.state, cards): a temp home
 
 
 def run(code: str, *answers: str, **kw: Any) -> tuple[LuaSession, Step]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from pool_notebook.spawn import (
     spawn_and_connect,
     spawn_worker,
 )
-from tests.fakes import run
+from tests.fakes import run, wait_dead
 
 pytestmark = pytest.mark.usefixtures("pool_home")
 
@@ -66,13 +65,7 @@ def test_exited_workers_are_reaped() -> None:
     async def main() -> None:
         w = await spawn_worker("{python} -c \"import socket,sys; s=socket.socket(socket.AF_UNIX);"
                                " s.bind(sys.argv[1])\" {sock}")
-        import time
-        for _ in range(200):
-            reap_children()
-            if not pid_alive(w.pid):
-                break
-            time.sleep(0.02)
-        assert not pid_alive(w.pid)  # exited and reaped, not a zombie
+        assert wait_dead(w.pid)  # exited and reaped, not a zombie
     run(main())
 
 
@@ -82,12 +75,7 @@ def test_clean_exit_removes_the_spawned_workers_log(pool_home: Path) -> None:
         assert Path(worker.log_path).exists()
         async with client:
             await client.shutdown()
-        for _ in range(500):
-            reap_children()
-            if not pid_alive(worker.pid):
-                break
-            await asyncio.sleep(0.02)
-        assert not pid_alive(worker.pid)
+        assert wait_dead(worker.pid)
         assert not Path(worker.log_path).exists()
         assert not Path(worker.sock).exists()
     run(main())

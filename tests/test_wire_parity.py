@@ -22,10 +22,10 @@ import pytest
 from pool_notebook import PoolClient
 from pool_notebook._version import PROTOCOL_VERSION
 from pool_notebook.protocol import Paused
-from pool_notebook.registry import Registry, pid_alive
-from pool_notebook.spawn import reap_children, spawn_and_connect
+from pool_notebook.registry import Registry
+from pool_notebook.spawn import spawn_and_connect
 from tests.conftest import RawConnection, WorkerProc
-from tests.fakes import run
+from tests.fakes import run, wait_dead
 
 StartWorker = Callable[..., WorkerProc]
 V = PROTOCOL_VERSION
@@ -381,11 +381,7 @@ def test_reconnect_by_sid_from_the_registry(pool_home: Path) -> None:
             done = await again.continue_(feed.session_id, "4")
             assert done.feed_result is not None
             await again.shutdown()
-        for _ in range(500):
-            reap_children()
-            if not pid_alive(worker.pid):
-                break
-            time.sleep(0.01)
+        assert wait_dead(worker.pid)
         assert Registry.default().find(worker.sid) is None
 
     run(main())

@@ -10,7 +10,6 @@ import socket
 import stat
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -28,20 +27,10 @@ from pool_notebook import (
 from pool_notebook import protocol as proto
 from pool_notebook._version import PROTOCOL_VERSION
 from pool_notebook.registry import Registry, pid_alive
-from pool_notebook.spawn import reap_children, spawn_and_connect, spawn_worker
-from tests.fakes import run
+from pool_notebook.spawn import spawn_and_connect, spawn_worker
+from tests.fakes import run, wait_dead
 
 pytestmark = pytest.mark.usefixtures("pool_home")
-
-
-def _wait_dead(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        reap_children()
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 COT_LIB = {
@@ -107,7 +96,7 @@ def test_multi_step_program_with_single_and_batch_pauses(tmp_path: Path) -> None
             assert (auto["rounds"], auto["llm_calls"], auto["pauses"]) == (3, 4, 3)
             assert auto["elapsed_ms"] >= 0
             await c.shutdown()
-        assert _wait_dead(w.pid)
+        assert wait_dead(w.pid)
     run(main())
 
 
@@ -158,7 +147,7 @@ def test_raw_malformed_bytes_then_good_lines(tmp_path: Path) -> None:
         f.flush()
         assert json.loads(f.readline())["data"]["kind"] == "shutdown"
         sock.close()
-        assert _wait_dead(worker.pid)
+        assert wait_dead(worker.pid)
     run(main())
 
 
@@ -206,7 +195,7 @@ def test_reconnect_to_paused_session_after_disconnect() -> None:
         done = await c2.continue_(feed.session_id, "yes")
         assert done.feed_result.outcome == Completed("got yes")
         c2.close()  # not paused any more: the worker exits and deregisters itself
-        assert _wait_dead(w.pid)
+        assert wait_dead(w.pid)
         assert Registry.default().find(w.sid) is None
     run(main())
 
@@ -216,7 +205,7 @@ def test_idle_timeout_exit() -> None:
         c, w = await spawn_and_connect(env={"POOL_WORKER_IDLE_TIMEOUT": "0.5"})
         await c.run("return alc.llm('wait')")  # paused: disconnect alone would not exit
         c.close()
-        assert _wait_dead(w.pid, 10)
+        assert wait_dead(w.pid, 10)
         assert Registry.default().find(w.sid) is None
         assert not os.path.exists(w.sock)
         assert not os.path.exists(w.log_path)  # a clean exit removes its log
@@ -230,7 +219,7 @@ def test_sigterm_exit_with_registry_cleanup(code: str) -> None:
         task = asyncio.create_task(c.run(code))
         await asyncio.sleep(0.3)  # paused, or spinning in an endless Lua loop
         os.kill(w.pid, signal.SIGTERM)
-        assert _wait_dead(w.pid, 10)
+        assert wait_dead(w.pid, 10)
         assert Registry.default().find(w.sid) is None
         assert not os.path.exists(w.sock)
         task.cancel()

@@ -43,6 +43,8 @@ _CREATE = """CREATE TABLE IF NOT EXISTS answers (
     prompt TEXT NOT NULL, max_tokens INTEGER, temperature REAL, occurrence INTEGER NOT NULL,
     text TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER, finish_reason TEXT,
     response_model TEXT, latency_ms REAL, recorded_at TEXT NOT NULL)"""
+_INSERT = (f"INSERT OR IGNORE INTO answers ({', '.join(COLUMNS)}) "
+           f"VALUES ({', '.join('?' * len(COLUMNS))})")
 
 
 def default_path() -> Path:
@@ -149,8 +151,7 @@ class AnswerStore:
         """Record an answer (an answer already recorded under that key is kept)."""
         row = _row(request, occurrence, answer)
         with self._sql() as db:
-            db.execute(f"INSERT OR IGNORE INTO answers ({', '.join(COLUMNS)}) "
-                       f"VALUES ({', '.join('?' * len(COLUMNS))})", row)
+            db.execute(_INSERT, row)
 
     def __len__(self) -> int:
         with self._sql() as db:
@@ -191,8 +192,7 @@ class AnswerStore:
                     rows.append(_parse_line(line, path, number))
         with self._sql() as db:
             before = db.total_changes
-            db.executemany(f"INSERT OR IGNORE INTO answers ({', '.join(COLUMNS)}) "
-                           f"VALUES ({', '.join('?' * len(COLUMNS))})", rows)
+            db.executemany(_INSERT, rows)
             return db.total_changes - before
 
     def close(self) -> None:

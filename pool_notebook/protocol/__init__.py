@@ -8,86 +8,11 @@ a socket, an event loop or IPython.
 
 from __future__ import annotations
 
+from . import framing, messages
 from .client import ClientConnection
-from .framing import (
-    DEFAULT_MAX_LINE_BYTES,
-    MAX_DEPTH,
-    MAX_INT_DIGITS,
-    LineBuffer,
-    dumps_line,
-    loads_strict,
-)
-from .messages import (
-    MAX_USAGE_TOKENS,
-    Accepted,
-    Cancelled,
-    Completed,
-    Continue,
-    Failed,
-    FeedData,
-    FeedResult,
-    Finished,
-    Handshake,
-    HandshakeData,
-    Outcome,
-    Paused,
-    Query,
-    RawRequest,
-    Request,
-    Response,
-    ResponseData,
-    Run,
-    Shutdown,
-    ShutdownData,
-    Status,
-    StatusData,
-    UnknownData,
-    check_handshake,
-    decode_request,
-    decode_response,
-    encode_request,
-    encode_response,
-    error_response,
-    version_mismatch_message,
-)
+from .framing import *  # noqa: F403
+from .messages import *  # noqa: F403
 
-__all__ = [
-    "DEFAULT_MAX_LINE_BYTES",
-    "MAX_DEPTH",
-    "MAX_INT_DIGITS",
-    "MAX_USAGE_TOKENS",
-    "Accepted",
-    "Cancelled",
-    "ClientConnection",
-    "Completed",
-    "Continue",
-    "Failed",
-    "FeedData",
-    "FeedResult",
-    "Finished",
-    "Handshake",
-    "HandshakeData",
-    "LineBuffer",
-    "Outcome",
-    "Paused",
-    "Query",
-    "RawRequest",
-    "Request",
-    "Response",
-    "ResponseData",
-    "Run",
-    "Shutdown",
-    "ShutdownData",
-    "Status",
-    "StatusData",
-    "UnknownData",
-    "check_handshake",
-    "decode_request",
-    "decode_response",
-    "dumps_line",
-    "encode_request",
-    "encode_response",
-    "error_response",
-    "loads_strict",
-    "version_mismatch_message",
-]
+__all__ = ["ClientConnection"]
+__all__ += framing.__all__
+__all__ += messages.__all__

@@ -410,18 +410,19 @@ class ClientConnection:
 
     def _handshake_reply(self, exchange: _Exchange, response: Response) -> Event:
         assert exchange.expected_version is not None
+        event: Event
         try:
             data = check_handshake(response, exchange.expected_version)
         except HandshakeError as exc:
             self._move(Input.HANDSHAKE_REJECTED)
-            if exchange.abandoned:
-                return LateReplyReceived(exchange.request, response, None, exchange.context)
-            return HandshakeRejected(exc, response, exchange.context)
-        self._move(Input.HANDSHAKE_ACCEPTED)
-        self.server_version = data.version
+            event = HandshakeRejected(exc, response, exchange.context)
+        else:
+            self._move(Input.HANDSHAKE_ACCEPTED)
+            self.server_version = data.version
+            event = HandshakeAccepted(data, response, exchange.context)
         if exchange.abandoned:
             return LateReplyReceived(exchange.request, response, None, exchange.context)
-        return HandshakeAccepted(data, response, exchange.context)
+        return event
 
     # ------------------------------------------------------------------- failing
 

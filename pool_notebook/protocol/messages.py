@@ -61,6 +61,7 @@ __all__ = [
     "encode_request",
     "encode_response",
     "error_response",
+    "query_from_json",
     "version_mismatch_message",
 ]
 
@@ -434,7 +435,8 @@ def _extra(obj: Mapping[str, Any], known: frozenset[str]) -> dict[str, Any]:
 _QUERY_KEYS = frozenset({"id", "prompt", "system", "max_tokens", "grounded", "underspecified"})
 
 
-def _query(obj: Any) -> Query:
+def query_from_json(obj: Any) -> Query:
+    """A query of a ``Paused`` feed from its JSON object (ValueError if it has no id)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
         raise ValueError("a query needs a string 'id'")
     prompt = obj.get("prompt", "")
@@ -458,7 +460,7 @@ def _feed_result(obj: Any) -> FeedResult:
         queries = body.get("queries") if isinstance(body, dict) else None
         if not isinstance(queries, list):
             raise ValueError("Paused needs a 'queries' list")
-        return Paused(tuple(_query(q) for q in queries))
+        return Paused(tuple(query_from_json(q) for q in queries))
     if tag == "Accepted":
         remaining = body.get("remaining") if isinstance(body, dict) else None
         if not isinstance(remaining, int):

@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..errors import MalformedRequest, RequestTooLarge
+from .client import NEED_DATA, NeedData
 from .framing import DEFAULT_MAX_LINE_BYTES, LineBuffer
 from .messages import (
     Handshake,
@@ -80,11 +81,6 @@ class RequestReceived:
 
 
 @dataclass(frozen=True, slots=True)
-class NeedData:
-    """Nothing to do until more bytes arrive (or a reply is given)."""
-
-
-@dataclass(frozen=True, slots=True)
 class ConnectionClosing:
     """Every owed reply is in :meth:`WorkerConnection.data_to_send`; close after writing it."""
 
@@ -92,8 +88,6 @@ class ConnectionClosing:
 
 
 WorkerEvent = RequestReceived | NeedData | ConnectionClosing
-
-_NEED_DATA = NeedData()
 
 
 class WorkerConnection:
@@ -157,19 +151,17 @@ class WorkerConnection:
         """
         while True:
             if self.state is WorkerState.BUSY or self.state is WorkerState.CLOSED:
-                return _NEED_DATA
+                return NEED_DATA
             if self.state is WorkerState.CLOSING:
                 return ConnectionClosing(self._closing_reason)
             if not self._queue:
-                return _NEED_DATA
+                return NEED_DATA
             item, size = self._queue.popleft()
             self._queued_bytes -= size
-            if isinstance(item, RequestTooLarge):
+            if isinstance(item, (MalformedRequest, RequestTooLarge)):
                 self._out.append(error_response(f"malformed request: {item}"))
-                self._close("request line too long")
-                continue
-            if isinstance(item, MalformedRequest):
-                self._out.append(error_response(f"malformed request: {item}"))
+                if isinstance(item, RequestTooLarge):
+                    self._close("request line too long")
                 continue
             if isinstance(item, Handshake):
                 self._handshake(item)

@@ -9,16 +9,20 @@ float (card fingerprints hash it).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 __all__ = ["float_text", "json_text"]
+
+#: What an exponent looks like in a float's repr (a digit first: "e-mail" is not one).
+_EXPONENT = re.compile(r"\de[+-]\d")
 
 
 def json_text(value: Any) -> str:
     """``value`` (JSON-able Python) as serde_json's compact text."""
     text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"),
                       sort_keys=True)
-    if "e+" not in text and "e-" not in text:
+    if not _EXPONENT.search(text):
         return text  # no float needed an exponent (the common case)
     import secrets  # rare path: keep the worker's import light
 

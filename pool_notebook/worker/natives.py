@@ -28,12 +28,23 @@ if TYPE_CHECKING:
     from .mathlib import MathLib
     from .runtime import LuaSession, Step
 
-__all__ = ["host_functions"]
+__all__ = ["host_functions", "lua_size"]
 
 def lua_size(value: Any) -> int:
-    """runtime.lua_size: Lua bytes of a JSON-able value (runtime imports this module)."""
-    from .runtime import lua_size as size
-    return size(value)
+    """Bytes ``value`` (JSON-able Python) will take as Lua values, roughly."""
+    total, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += 32 + len(v) if v.isascii() else 32 + len(v.encode("utf-8", "replace"))
+        elif isinstance(v, dict):
+            total += 64 + 48 * len(v)
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            total += 64 + 16 * len(v)
+            stack.extend(v)
+    return total
 
 
 def _json_int(text: str) -> int | float:

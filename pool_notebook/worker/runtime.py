@@ -30,7 +30,9 @@ from typing import Any
 from lupa import lua54 as _lua  # algocline embeds Lua 5.4: the same dialect
 
 from ..errors import ContinueRejected, InvalidArgument, LuaMemoryError
+from ..protocol.messages import MAX_USAGE_TOKENS
 from . import natives
+from .natives import lua_size
 from .sandbox import SandboxPolicy, install_sandbox, module_path
 
 __all__ = [
@@ -63,7 +65,6 @@ HOOK_EVERY = 10_000
 #: would abort the process (lupa pushes outside a protected call).
 HEADROOM = 1024 * 1024
 _MAX_DEPTH = 100
-_MAX_USAGE = 2**53
 
 # The coroutine driver. It runs before the sandbox, which then only sees the
 # coroutine.create/resume/wrap defined here: every coroutine user code makes is
@@ -270,23 +271,6 @@ def estimate_tokens(text: str) -> int:
     ascii_chars = len(text) if text.isascii() else len(text.encode("ascii", "ignore"))
     other = len(text) - ascii_chars
     return -(-ascii_chars // 4) + -(-(other * 2) // 3)
-
-
-def lua_size(value: Any) -> int:
-    """Bytes ``value`` (JSON-able Python) will take as Lua values, roughly."""
-    total, stack = 0, [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            total += 32 + len(v) if v.isascii() else 32 + len(v.encode("utf-8", "replace"))
-        elif isinstance(v, dict):
-            total += 64 + 48 * len(v)
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            total += 64 + 16 * len(v)
-            stack.extend(v)
-    return total
 
 
 def _now_ms() -> int:
@@ -833,7 +817,7 @@ def _usage(usage: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
     for key in ("prompt_tokens", "completion_tokens"):
         value = usage.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or not 0 <= value <= _MAX_USAGE):
+                                  or not 0 <= value <= MAX_USAGE_TOKENS):
             raise ContinueRejected(f"usage.{key} must be an integer in 0..2^53, got {value!r}")
         out.append(value)
     return out[0], out[1]

@@ -33,7 +33,7 @@ import signal
 import socket
 import stat
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,6 @@ from ..protocol.messages import (
     FeedResult,
     Finished,
     Paused,
-    Query,
     Request,
     Run,
     Shutdown,
@@ -59,6 +58,7 @@ from ..protocol.messages import (
     StatusData,
     encode_response,
     error_response,
+    query_from_json,
 )
 from ..protocol.worker import ConnectionClosing, RequestReceived, WorkerConnection, WorkerState
 from ..registry import Registry, new_id
@@ -119,15 +119,6 @@ def handshake_timeout_from_env() -> float:
                        allow_zero=False)
     return DEFAULT_HANDSHAKE_TIMEOUT
 
-
-def _query(obj: Mapping[str, Any]) -> Query:
-    known = ("id", "prompt", "system", "max_tokens", "grounded", "underspecified")
-    return Query(
-        id=str(obj["id"]), prompt=str(obj.get("prompt", "")), system=obj.get("system"),
-        max_tokens=obj.get("max_tokens"), grounded=bool(obj.get("grounded")),
-        underspecified=bool(obj.get("underspecified")),
-        extra={k: v for k, v in obj.items() if k not in known},
-    )
 
 
 class Worker:
@@ -379,7 +370,7 @@ class Worker:
 
     def _feed_result(self, step: Step) -> FeedResult:
         if step.kind == "paused":
-            return Paused(tuple(_query(q) for q in step.queries))
+            return Paused(tuple(query_from_json(q) for q in step.queries))
         if step.kind == "accepted":
             return Accepted(step.remaining)
         assert self.session is not None
